@@ -1,0 +1,91 @@
+"""Batches: idempotent registration of a manifest and its jobs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.events import record_event
+from db.models import Batch, Job, JobStatus
+
+
+@dataclass(frozen=True)
+class JobSpec:
+    """What a manifest says about one job, as the database stores it."""
+
+    name: str
+    image_uri: str
+    audio_uri: str
+    params: dict[str, Any] = field(default_factory=dict)
+    priority: int = 0
+    max_attempts: int = 3
+    id: str | None = None  # chosen by the caller (e.g. derived from manifest and name)
+
+
+def find_batch(*, session: Session, manifest_sha256: str) -> Batch | None:
+    """The batch registered for this manifest hash, if any."""
+    return session.scalar(select(Batch).where(Batch.manifest_sha256 == manifest_sha256))
+
+
+def register_batch(
+    *,
+    session: Session,
+    name: str,
+    manifest_sha256: str,
+    jobs: list[JobSpec],
+    actor: str,
+) -> tuple[Batch, bool]:
+    """Register a batch and its queued jobs; the same manifest again returns the same batch.
+
+    Returns ``(batch, created)``. Safe under concurrent submission of one manifest: the unique
+    manifest hash decides, and the loser returns the winner's batch.
+    """
+    existing = find_batch(session=session, manifest_sha256=manifest_sha256)
+    if existing is not None:
+        return existing, False
+    batch = Batch(name=name, manifest_sha256=manifest_sha256, submitted_by=actor)
+    batch.jobs = [
+        Job(
+            **({"id": spec.id} if spec.id else {}),
+            name=spec.name,
+            image_uri=spec.image_uri,
+            audio_uri=spec.audio_uri,
+            params=spec.params,
+            priority=spec.priority,
+            max_attempts=spec.max_attempts,
+            status=JobStatus.QUEUED,
+        )
+        for spec in jobs
+    ]
+    session.add(batch)
+    try:
+        session.flush()
+    except IntegrityError:
+        session.rollback()
+        winner = find_batch(session=session, manifest_sha256=manifest_sha256)
+        if winner is None:
+            raise
+        return winner, False
+    record_event(
+        session=session,
+        actor=actor,
+        kind="batch.registered",
+        batch_id=batch.id,
+        detail={"name": name, "manifest_sha256": manifest_sha256, "jobs": len(jobs)},
+    )
+    for job in batch.jobs:
+        record_event(
+            session=session,
+            actor=actor,
+            kind="job.created",
+            batch_id=batch.id,
+            job_id=job.id,
+            to_status=JobStatus.QUEUED.value,
+            reason=f"registered with batch {name!r}",
+        )
+    session.commit()
+    return batch, True

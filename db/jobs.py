@@ -1,0 +1,188 @@
+"""Jobs: the state machine, requeue with an attempt limit, and claiming the next job.
+
+    queued -> running -> succeeded | failed | cancelled
+    queued -> cancelled            (a studio withdraws a job before it starts)
+    failed -> queued               (requeue; bounded by max_attempts)
+
+Every transition locks the job row, checks the edge, and writes an event in the same
+transaction. ``attempt`` counts the runs a job has started.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from db.events import record_event
+from db.leases import take_lease
+from db.models import Job, JobStatus, Lease, utcnow
+from emo.errors import JobStateError, NotFound
+
+ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
+    JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
+    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+    JobStatus.SUCCEEDED: frozenset(),
+    JobStatus.CANCELLED: frozenset(),
+}
+
+
+def get_job(*, session: Session, job_id: str, lock: bool = False) -> Job:
+    """The job with this id; raises ``NotFound``."""
+    query = select(Job).where(Job.id == job_id)
+    job = session.scalar(query.with_for_update() if lock else query)
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
+
+
+def _apply(job: Job, to: JobStatus, *, session: Session, actor: str, reason: str | None) -> None:
+    """Check and apply one edge of the state machine, with its event (no commit)."""
+    if to not in ALLOWED[job.status]:
+        allowed = ", ".join(sorted(ALLOWED[job.status])) or "none (final state)"
+        raise JobStateError(
+            f"job {job.name!r} ({job.id}) cannot go from {job.status.value} to {to.value}; "
+            f"allowed from {job.status.value}: {allowed}"
+        )
+    now = utcnow()
+    previous = job.status
+    job.status = to
+    job.updated_at = now
+    if to is JobStatus.RUNNING:
+        job.attempt += 1
+        job.started_at = now
+        job.finished_at = None
+        job.error = None
+    elif to in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED):
+        job.finished_at = now
+        if to is JobStatus.FAILED:
+            job.error = reason
+    record_event(
+        session=session,
+        actor=actor,
+        kind="job.status",
+        batch_id=job.batch_id,
+        job_id=job.id,
+        from_status=previous.value,
+        to_status=to.value,
+        reason=reason,
+        detail={"attempt": job.attempt},
+    )
+
+
+def transition_job(
+    *, session: Session, job_id: str, to: JobStatus, actor: str, reason: str | None = None
+) -> Job:
+    """Move a job along one allowed edge; raises ``JobStateError`` for any other."""
+    job = get_job(session=session, job_id=job_id, lock=True)
+    try:
+        _apply(job, to, session=session, actor=actor, reason=reason)
+    except JobStateError:
+        session.rollback()
+        raise
+    session.commit()
+    return job
+
+
+def requeue_job(*, session: Session, job_id: str, actor: str, reason: str) -> Job:
+    """failed -> queued, refused once the job has used ``max_attempts`` attempts."""
+    job = get_job(session=session, job_id=job_id, lock=True)
+    if job.status is JobStatus.FAILED and job.attempt >= job.max_attempts:
+        session.rollback()
+        raise JobStateError(
+            f"job {job.name!r} ({job.id}) has used {job.attempt} of {job.max_attempts} "
+            "attempts; raise its max_attempts to requeue it"
+        )
+    try:
+        _apply(job, JobStatus.QUEUED, session=session, actor=actor, reason=reason)
+    except JobStateError:
+        session.rollback()
+        raise
+    session.commit()
+    return job
+
+
+def begin_run(*, session: Session, job_id: str, actor: str) -> Job:
+    """Make a job running for a render that holds its lease.
+
+    queued -> running; failed -> queued -> running (a resume, counting an attempt); a job
+    already running (its previous run crashed, the lease passed to ``actor``) stays running
+    with a ``job.resumed`` event. Finished and cancelled jobs are refused.
+    """
+    job = get_job(session=session, job_id=job_id, lock=True)
+    try:
+        if job.status is JobStatus.FAILED:
+            if job.attempt >= job.max_attempts:
+                raise JobStateError(
+                    f"job {job.name!r} ({job.id}) has used {job.attempt} of "
+                    f"{job.max_attempts} attempts; raise its max_attempts to resume it"
+                )
+            _apply(job, JobStatus.QUEUED, session=session, actor=actor, reason="resume")
+        if job.status is JobStatus.QUEUED:
+            _apply(job, JobStatus.RUNNING, session=session, actor=actor, reason="render")
+        elif job.status is JobStatus.RUNNING:
+            record_event(
+                session=session,
+                actor=actor,
+                kind="job.resumed",
+                batch_id=job.batch_id,
+                job_id=job.id,
+                reason="previous run ended without finishing",
+            )
+        else:
+            raise JobStateError(
+                f"job {job.name!r} ({job.id}) is {job.status.value}; nothing to render"
+            )
+    except JobStateError:
+        session.rollback()
+        raise
+    session.commit()
+    return job
+
+
+def record_result(*, session: Session, job_id: str, output_uri: str, qc: dict, actor: str) -> Job:
+    """Store the job's final output and QC report (before it is marked succeeded)."""
+    job = get_job(session=session, job_id=job_id, lock=True)
+    job.output_uri, job.qc, job.updated_at = output_uri, qc, utcnow()
+    record_event(
+        session=session,
+        actor=actor,
+        kind="job.output",
+        batch_id=job.batch_id,
+        job_id=job.id,
+        detail={"output_uri": output_uri, "qc_warnings": qc.get("warnings", [])},
+    )
+    session.commit()
+    return job
+
+
+def claim_next_job(*, session: Session, worker: str, lease_seconds: float) -> Job | None:
+    """Claim the next queued job (highest priority, then oldest) for ``worker``.
+
+    The job becomes running and ``worker`` takes its lease, in one transaction. On PostgreSQL
+    the candidate row is selected ``FOR UPDATE SKIP LOCKED`` so concurrent workers claim
+    different jobs without waiting; on SQLite the transaction is ``BEGIN IMMEDIATE`` (one
+    writer at a time). Returns None when nothing is queued.
+    """
+    now = utcnow()
+    live_lease = select(Lease.job_id).where(Lease.job_id == Job.id, Lease.expires_at > now)
+    query = (
+        select(Job)
+        .where(Job.status == JobStatus.QUEUED, ~live_lease.exists())
+        .order_by(Job.priority.desc(), Job.created_at, Job.id)
+        .limit(1)
+        .with_for_update(skip_locked=True)
+    )
+    job = session.scalar(query)
+    if job is None:
+        session.rollback()
+        return None
+    _apply(job, JobStatus.RUNNING, session=session, actor=worker, reason="claimed")
+    lease = take_lease(
+        session=session, job_id=job.id, owner=worker, ttl_seconds=lease_seconds, now=now
+    )
+    if lease is None:  # a run leased it between our select and now; let the caller retry
+        session.rollback()
+        return None
+    session.commit()
+    return job

@@ -1,0 +1,152 @@
+"""Job leases: at most one live owner renders a job; an expired lease may be taken over.
+
+A lease is a row (owner, expiry, heartbeat). The owner renews it while it works (heartbeat)
+and releases it when done. Acquisition locks the row (``FOR UPDATE`` on PostgreSQL; SQLite
+transactions are single-writer), so two runs never both believe they hold one job.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from sqlalchemy import delete, select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.events import record_event
+from db.models import Lease, utcnow
+from emo.errors import JobStateError
+
+
+def _lock_lease(session: Session, job_id: str) -> Lease | None:
+    query = select(Lease).where(Lease.job_id == job_id).with_for_update()
+    return session.scalar(query)
+
+
+def take_lease(
+    *,
+    session: Session,
+    job_id: str,
+    owner: str,
+    ttl_seconds: float,
+    now: datetime | None = None,
+    stale_owner: str | None = None,
+) -> Lease | None:
+    """Acquire the job's lease inside the caller's transaction (no commit); None if held.
+
+    ``stale_owner`` names a holder known to be dead (a process on this host that no longer
+    exists); its lease is taken over before it expires.
+    """
+    now = now or utcnow()
+    expires = now + timedelta(seconds=ttl_seconds)
+    lease = _lock_lease(session, job_id)
+    if lease is None:
+        lease = Lease(
+            job_id=job_id, owner=owner, acquired_at=now, heartbeat_at=now, expires_at=expires
+        )
+        try:
+            with session.begin_nested():
+                session.add(lease)
+        except IntegrityError:  # another owner inserted it between our select and insert
+            return None
+        record_event(session=session, actor=owner, kind="lease.acquired", job_id=job_id)
+        return lease
+    if lease.owner != owner and lease.expires_at > now and lease.owner != stale_owner:
+        return None
+    if lease.owner != owner:
+        record_event(
+            session=session,
+            actor=owner,
+            kind="lease.taken_over",
+            job_id=job_id,
+            reason=f"lease of {lease.owner!r} expired at {lease.expires_at.isoformat()}"
+            if lease.owner != stale_owner
+            else f"holder {lease.owner!r} is no longer running",
+        )
+        lease.acquired_at = now
+        lease.gpu_slot = None  # the caller frees the old holder's slot (read it first)
+    else:
+        record_event(session=session, actor=owner, kind="lease.reacquired", job_id=job_id)
+    lease.owner, lease.heartbeat_at, lease.expires_at = owner, now, expires
+    return lease
+
+
+def acquire_lease(
+    *,
+    session: Session,
+    job_id: str,
+    owner: str,
+    ttl_seconds: float,
+    now: datetime | None = None,
+    stale_owner: str | None = None,
+) -> Lease | None:
+    """Acquire the job's lease for ``owner``; None if another owner holds a live lease."""
+    lease = take_lease(
+        session=session,
+        job_id=job_id,
+        owner=owner,
+        ttl_seconds=ttl_seconds,
+        now=now,
+        stale_owner=stale_owner,
+    )
+    if lease is None:
+        session.rollback()
+        return None
+    session.commit()
+    return lease
+
+
+def current_lease(*, session: Session, job_id: str) -> Lease | None:
+    """The job's lease row, if any (live or expired)."""
+    return session.get(Lease, job_id, populate_existing=True)
+
+
+def renew_lease(
+    *, session: Session, job_id: str, owner: str, ttl_seconds: float, now: datetime | None = None
+) -> Lease:
+    """Heartbeat: extend the lease; raises ``JobStateError`` if ``owner`` no longer holds it."""
+    now = now or utcnow()
+    lease = _lock_lease(session, job_id)
+    if lease is None or lease.owner != owner:
+        holder = "nobody" if lease is None else repr(lease.owner)
+        session.rollback()
+        raise JobStateError(f"lease of job {job_id} is lost: held by {holder}, not {owner!r}")
+    lease.heartbeat_at = now
+    lease.expires_at = now + timedelta(seconds=ttl_seconds)
+    record_event(
+        session=session,
+        actor=owner,
+        kind="lease.renewed",
+        job_id=job_id,
+        detail={"expires_at": lease.expires_at.isoformat()},
+    )
+    session.commit()
+    return lease
+
+
+def release_lease(*, session: Session, job_id: str, owner: str) -> bool:
+    """Give the lease up; False if ``owner`` did not hold it (nothing changes then)."""
+    result = session.execute(delete(Lease).where(Lease.job_id == job_id, Lease.owner == owner))
+    if result.rowcount == 0:
+        session.rollback()
+        return False
+    record_event(session=session, actor=owner, kind="lease.released", job_id=job_id)
+    session.commit()
+    return True
+
+
+def record_gpu_slot(*, session: Session, job_id: str, owner: str, slot_id: str | None) -> None:
+    """Note the GPU slot ``owner`` holds for the job; raises if it no longer holds the lease."""
+    lease = _lock_lease(session, job_id)
+    if lease is None or lease.owner != owner:
+        session.rollback()
+        raise JobStateError(f"lease of job {job_id} is lost; cannot record its GPU slot")
+    lease.gpu_slot = slot_id
+    record_event(
+        session=session,
+        actor=owner,
+        kind="lease.gpu_slot",
+        job_id=job_id,
+        detail={"slot": slot_id},
+    )
+    session.commit()

@@ -1,0 +1,210 @@
+"""SQLAlchemy 2.0 models of the job store: batches, jobs, segments, leases, events.
+
+The tables are created by the Alembic revisions in ``migrations/``, never by ``create_all``
+in application code. Timestamps are timezone-aware UTC on every backend (SQLite included).
+"""
+
+from __future__ import annotations
+
+import enum
+import uuid
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    DateTime,
+    Enum,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    """Now, timezone-aware UTC (the only kind of datetime stored)."""
+    return datetime.now(UTC)
+
+
+def new_id() -> str:
+    """A new random identifier (uuid4 hex, 32 characters)."""
+    return uuid.uuid4().hex
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A DateTime that is always aware UTC in Python, whatever the backend stores."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetimes are not stored; use datetime.now(UTC)")
+        value = value.astimezone(UTC)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
+
+    def process_result_value(self, value: datetime | None, dialect: Any) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+class JobStatus(enum.StrEnum):
+    """Job life cycle: queued -> running -> succeeded | failed | cancelled; failed -> queued."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+class SegmentStatus(enum.StrEnum):
+    """A planned segment is pending until its checkpoint is recorded as done."""
+
+    PENDING = "pending"
+    DONE = "done"
+
+
+def _status_enum(cls: type[enum.Enum], name: str) -> Enum:
+    # VARCHAR plus a CHECK constraint: portable between PostgreSQL and SQLite, and new values
+    # need no ALTER TYPE.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=16,
+        values_callable=lambda members: [member.value for member in members],
+    )
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+
+
+class Batch(Base):
+    """One submitted manifest. ``manifest_sha256`` is unique: resubmitting is idempotent."""
+
+    __tablename__ = "batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    name: Mapped[str] = mapped_column(String(200))
+    manifest_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    submitted_by: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+
+    jobs: Mapped[list[Job]] = relationship(back_populates="batch", order_by="Job.created_at")
+
+
+class Job(Base):
+    """One portrait + one vocal track -> one video."""
+
+    __tablename__ = "jobs"
+    __table_args__ = (UniqueConstraint("batch_id", "name"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True, default=new_id)
+    batch_id: Mapped[str] = mapped_column(ForeignKey("batches.id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[JobStatus] = mapped_column(
+        _status_enum(JobStatus, "job_status"), default=JobStatus.QUEUED
+    )
+    priority: Mapped[int] = mapped_column(Integer, default=0)
+    attempt: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer, default=3)
+    image_uri: Mapped[str] = mapped_column(Text)
+    audio_uri: Mapped[str] = mapped_column(Text)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    plan_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    output_uri: Mapped[str | None] = mapped_column(Text, default=None)
+    qc: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
+    error: Mapped[str | None] = mapped_column(Text, default=None)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+    batch: Mapped[Batch] = relationship(back_populates="jobs")
+    segments: Mapped[list[Segment]] = relationship(
+        back_populates="job", order_by="Segment.index", cascade="all, delete-orphan"
+    )
+
+
+# The claim query walks this index in order (next queued job by priority, then age), so
+# it stops at the first row it can lock instead of sorting every queued job.
+Index("ix_jobs_claim", Job.status, Job.priority.desc(), Job.created_at, Job.id)
+
+
+class Segment(Base):
+    """One planned segment of a job: a whole number of clips; done once checkpointed."""
+
+    __tablename__ = "segments"
+    __table_args__ = (UniqueConstraint("job_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    frame_start: Mapped[int] = mapped_column(Integer)
+    frame_end: Mapped[int] = mapped_column(Integer)  # exclusive
+    sample_start: Mapped[int] = mapped_column(Integer)
+    sample_end: Mapped[int] = mapped_column(Integer)  # exclusive
+    clip_count: Mapped[int] = mapped_column(Integer)
+    status: Mapped[SegmentStatus] = mapped_column(
+        _status_enum(SegmentStatus, "segment_status"), default=SegmentStatus.PENDING
+    )
+    checkpoint_uri: Mapped[str | None] = mapped_column(Text, default=None)
+    manifest_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    render_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+    job: Mapped[Job] = relationship(back_populates="segments")
+
+
+class Lease(Base):
+    """Who may render a job right now. Expired leases may be taken over."""
+
+    __tablename__ = "leases"
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), primary_key=True)
+    owner: Mapped[str] = mapped_column(String(200))
+    acquired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    # The Prefect concurrency lease of the GPU slot the owner holds, so a takeover can free it.
+    gpu_slot: Mapped[str | None] = mapped_column(String(64), default=None)
+
+
+class Event(Base):
+    """One state change: who (actor), when (at), what (kind, from/to status), why (reason)."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow, index=True)
+    actor: Mapped[str] = mapped_column(String(200))
+    kind: Mapped[str] = mapped_column(String(64))
+    batch_id: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    job_id: Mapped[str | None] = mapped_column(String(32), index=True, default=None)
+    segment_index: Mapped[int | None] = mapped_column(Integer, default=None)
+    from_status: Mapped[str | None] = mapped_column(String(16), default=None)
+    to_status: Mapped[str | None] = mapped_column(String(16), default=None)
+    reason: Mapped[str | None] = mapped_column(Text, default=None)
+    detail: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

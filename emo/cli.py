@@ -1,0 +1,221 @@
+"""The ``emo`` command line.
+
+Exit codes: 0 success; 1 a job or operation failed; 2 bad input or settings (the message
+says which and how to fix it); 3 a service (object store, database) could not be reached.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import OperationalError
+
+from emo.cli_jobs import register as register_job_commands
+from emo.errors import EmoError, SettingsError
+from emo.settings import get_settings
+
+app = typer.Typer(
+    help="EMO talking/singing portrait video generation and batch production.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+db_app = typer.Typer(help="Database migrations.", no_args_is_help=True)
+app.add_typer(db_app, name="db")
+weights_app = typer.Typer(help="Weights bundles: build and inspect.", no_args_is_help=True)
+app.add_typer(weights_app, name="weights")
+console = Console()
+
+
+@app.command()
+def plan(
+    audio: Annotated[Path, typer.Argument(help="vocal track (wav, flac, mp3, m4a, ogg, ...)")],
+    segment_seconds: Annotated[
+        float | None,
+        typer.Option(help="target segment length; default EMO_SEGMENT_SECONDS", min=0.1),
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
+) -> None:
+    """Show how a vocal track is cut into segments of whole clips at its quiet points."""
+    from emo.media import load_audio
+    from emo.plan import plan_segments
+
+    settings = get_settings()
+    samples = load_audio(audio, settings.sample_rate)
+    result = plan_segments(
+        samples,
+        sample_rate=settings.sample_rate,
+        fps=settings.fps,
+        clip_frames=settings.clip_frames,
+        segment_seconds=segment_seconds or settings.segment_seconds,
+    )
+    if as_json:
+        typer.echo(json.dumps(result.to_dict() | {"sha256": result.sha256}, indent=2))
+        return
+    table = Table(
+        title=f"{audio.name}: {result.duration_seconds:.2f} s, "
+        f"{result.total_frames} frames, {result.total_clips} clips"
+    )
+    for column in ("segment", "frames", "time (s)", "clips", "samples"):
+        table.add_column(column, justify="right")
+    for s in result.segments:
+        table.add_row(
+            str(s.index),
+            f"{s.frame_start}-{s.frame_end}",
+            f"{s.start_seconds:.2f}-{s.end_seconds:.2f}",
+            str(s.clip_count),
+            f"{s.sample_start}-{s.sample_end}",
+        )
+    console.print(table)
+
+
+@db_app.command("upgrade")
+def db_upgrade(
+    revision: Annotated[str, typer.Argument(help="target revision")] = "head",
+) -> None:
+    """Create or migrate the tables of the configured database (EMO_DATABASE_URL)."""
+    from db import migrate
+
+    migrate.upgrade(revision=revision)
+    typer.echo(f"database at revision {migrate.current_revision()}")
+
+
+@db_app.command("downgrade")
+def db_downgrade(
+    revision: Annotated[
+        str, typer.Argument(help="target revision: -1 for one step, base to remove every table")
+    ] = "-1",
+) -> None:
+    """Undo migrations of the configured database."""
+    from db import migrate
+
+    migrate.downgrade(revision=revision)
+    typer.echo(f"database at revision {migrate.current_revision() or 'base'}")
+
+
+@db_app.command("current")
+def db_current() -> None:
+    """Print the database's revision and the newest one this code ships."""
+    from db import migrate
+
+    typer.echo(f"current {migrate.current_revision() or 'base'}, head {migrate.head_revision()}")
+
+
+@weights_app.command("init")
+def weights_init(
+    sd15: Annotated[Path, typer.Option(help="SD1.5 directory, diffusers layout (unet/, vae/)")],
+    animatediff: Annotated[
+        Path,
+        typer.Option(help="AnimateDiff motion modules: MotionAdapter directory or original .ckpt"),
+    ],
+    wav2vec2: Annotated[Path, typer.Option(help="wav2vec2 directory (transformers layout)")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="new bundle directory")],
+    vae: Annotated[Path | None, typer.Option(help="VAE directory; default SD15/vae")] = None,
+    config: Annotated[str, typer.Option(help="model configuration: full or tiny")] = "full",
+) -> None:
+    """Build a starting bundle from pretrained weights, as the EMO paper initialises."""
+    from emo.models.config import get_config
+    from emo.weights_init import init_bundle
+
+    info, report = init_bundle(
+        sd15=sd15,
+        animatediff=animatediff,
+        wav2vec2=wav2vec2,
+        vae=vae,
+        base=get_config(config),
+        output=output,
+    )
+    for line in report.lines():
+        typer.echo(line)
+    typer.echo(f"wrote {info.path} (configuration {info.config.name}, sha256 {info.sha256})")
+
+
+@weights_app.command("info")
+def weights_info(
+    bundle: Annotated[Path | None, typer.Argument(help="bundle; default EMO_WEIGHTS")] = None,
+) -> None:
+    """Print a bundle's configuration, parameter counts per component and content hash."""
+    from emo.bundle import load_bundle
+
+    path = bundle or get_settings().weights
+    if path is None:
+        raise SettingsError(
+            "no weights bundle given and EMO_WEIGHTS is not set (the bundled "
+            "demo model arrives with issue 7)"
+        )
+    components, info = load_bundle(path)
+    config = info.config
+    typer.echo(f"bundle        {info.path}")
+    typer.echo(f"sha256        {info.sha256}")
+    typer.echo(
+        f"configuration {config.name}: {config.resolution}x{config.resolution}, "
+        f"f={config.clip_frames}, n={config.motion_frames}, m={config.audio_window}, "
+        f"{config.steps} steps, guidance {config.guidance_scale}"
+    )
+    counts = components.parameter_counts()
+    for name, count in counts.items():
+        typer.echo(f"  {name:<17}{count:>14,} parameters")
+    typer.echo(f"  {'total':<17}{sum(counts.values()):>14,} parameters")
+    for key, value in sorted(info.meta.items()):
+        typer.echo(f"{key:<14}{json.dumps(value)}")
+
+
+@app.command("settings")
+def show_settings() -> None:
+    """Print the effective settings (secrets hidden)."""
+    settings = get_settings()
+    values = settings.model_dump(mode="json")
+    values["database_url (resolved)"] = settings.resolved_database_url
+    values["store_url (resolved)"] = settings.resolved_store_url
+    for name, value in values.items():
+        typer.echo(f"{name} = {value}")
+
+
+def _fail(message: str, code: int) -> None:
+    Console(stderr=True, soft_wrap=True).print(
+        f"[bold red]error:[/] {escape(message)}", highlight=False
+    )
+    sys.exit(code)
+
+
+def _embedded_prefect(home: Path) -> None:
+    """Without a Prefect server configured, keep Prefect's files under EMO_HOME too."""
+    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
+    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
+
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+
+def main() -> None:
+    """Console entry point: settings are checked first; errors print one line, no traceback."""
+    try:
+        _embedded_prefect(get_settings().home)
+        app()
+    except EmoError as error:
+        _fail(str(error), error.exit_code)
+    except OperationalError as error:
+        url = make_url(get_settings().resolved_database_url).render_as_string(hide_password=True)
+        reason = str(error.orig or error).strip().splitlines()[0]
+        _fail(f"database {url} is not reachable ({reason}); check EMO_DATABASE_URL", 3)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+register_job_commands(app)
+
+if __name__ == "__main__":
+    main()

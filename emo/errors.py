@@ -1,0 +1,58 @@
+"""User-facing error types.
+
+Every error a studio engineer can cause or fix (a setting, an input file, a manifest, a service
+that is down) is an ``EmoError`` whose message names the input and what to do about it. The CLI
+prints the message and exits with ``exit_code``; it never shows a traceback for these.
+"""
+
+from __future__ import annotations
+
+
+class EmoError(Exception):
+    """Base class of errors whose message is meant for the person running emo."""
+
+    exit_code = 1
+
+
+class SettingsError(EmoError):
+    """An ``EMO_*`` setting is invalid; the message names the variable."""
+
+    exit_code = 2
+
+
+class MediaError(EmoError):
+    """An image, audio or video file cannot be used; the message names the file."""
+
+    exit_code = 2
+
+
+class StoreError(EmoError):
+    """Base class of object-store errors."""
+
+
+class ObjectNotFound(StoreError):
+    """The requested object key does not exist."""
+
+
+class StoreUnavailable(StoreError):
+    """The object store did not answer after bounded retries; the message names the endpoint."""
+
+    exit_code = 3
+
+
+class StoreAuthError(StoreError):
+    """The object store refused the credentials; the message names the settings to fix."""
+
+    exit_code = 2
+
+
+class CheckpointExists(StoreError):
+    """Refused to write a segment checkpoint over one that already verifies."""
+
+
+class JobStateError(EmoError):
+    """An illegal job state transition, lease operation or plan change was requested."""
+
+
+class NotFound(EmoError):
+    """A batch, job or segment named by the caller does not exist."""

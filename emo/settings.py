@@ -1,0 +1,138 @@
+"""Settings: one ``Settings`` object, read from ``EMO_*`` environment variables.
+
+Embedded defaults need no running service: a SQLite file and a local object-store directory
+under the data directory (``EMO_HOME``, default ``~/.emo``). Production sets
+``EMO_DATABASE_URL`` (PostgreSQL), ``EMO_STORE_URL=s3://bucket/prefix`` with the
+``EMO_S3_*`` endpoint and credentials, and ``EMO_WEIGHTS``.
+
+An invalid value raises ``SettingsError`` naming the environment variable, at start-up.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Literal
+from urllib.parse import urlparse
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from emo.errors import SettingsError
+
+ENV_PREFIX = "EMO_"
+
+
+class Settings(BaseSettings):
+    """Every knob of emo; each field ``x`` is read from ``EMO_X``."""
+
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+
+    home: Path = Field(Path("~/.emo"), description="data directory; embedded defaults live here")
+    database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home")
+    store_url: str | None = Field(None, description="file:///dir or s3://bucket/prefix")
+    s3_endpoint: str | None = Field(None, description="host:port of the S3/MinIO server")
+    s3_access_key: SecretStr | None = None
+    s3_secret_key: SecretStr | None = None
+    s3_secure: bool = Field(True, description="use TLS to reach the S3 endpoint")
+    s3_region: str | None = None
+    store_retries: int = Field(5, ge=0, le=20, description="retries of a transient store failure")
+    store_backoff_seconds: float = Field(0.5, gt=0, le=60, description="first retry delay")
+    weights: str | None = Field(None, description="bundle directory or s3:// prefix")
+    ffmpeg: str | None = Field(None, description="ffmpeg binary; default imageio-ffmpeg's")
+    fps: int = Field(25, ge=1, le=120)
+    sample_rate: int = Field(16000, ge=8000, le=192000)
+    clip_frames: int = Field(12, ge=1, le=256)  # f in the paper
+    motion_frames: int = Field(4, ge=0, le=64)  # n in the paper
+    segment_seconds: float = Field(20.0, gt=0, le=3600)
+    dispatch: Literal["inline", "deployment"] = Field(
+        "inline", description="render jobs as subflows, or via the render-track deployment"
+    )
+    render_deployment: str = Field("render-track/render-track", description="deployment name")
+    gpu_slots: int = Field(1, ge=1, le=1024, description="global limit on concurrent renders")
+    lease_seconds: float = Field(60.0, ge=1, le=3600, description="job lease time to live")
+    max_attempts: int = Field(3, ge=1, le=100, description="default attempts per job")
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
+    precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    qc_max_seam_jitter: float = Field(1.3, gt=0, description="QC warning above this")
+    qc_min_identity: float = Field(0.8, ge=-1, le=1, description="QC warning below this")
+    qc_min_sync: float = Field(0.2, ge=-1, le=1, description="QC warning below this")
+
+    @field_validator("home", mode="after")
+    @classmethod
+    def _expand_home(cls, value: Path) -> Path:
+        return value.expanduser().absolute()
+
+    @field_validator("store_url", mode="after")
+    @classmethod
+    def _check_store_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        parsed = urlparse(value)
+        if parsed.scheme not in ("file", "s3"):
+            raise ValueError("must start with file:// or s3://")
+        if parsed.scheme == "s3" and not parsed.netloc:
+            raise ValueError("s3:// URLs need a bucket: s3://bucket/prefix")
+        if parsed.scheme == "file" and (
+            parsed.netloc not in ("", "localhost") or not parsed.path.startswith("/")
+        ):
+            raise ValueError("file:// URLs need an absolute path: file:///srv/emo/store")
+        return value
+
+    @model_validator(mode="after")
+    def _check_combinations(self) -> Settings:
+        if self.sample_rate % self.fps:
+            raise ValueError(
+                f"EMO_SAMPLE_RATE ({self.sample_rate}) must be a multiple of EMO_FPS ({self.fps}) "
+                "so that every frame covers a whole number of audio samples"
+            )
+        if self.store_url and self.store_url.startswith("s3://") and not self.s3_endpoint:
+            raise ValueError("EMO_S3_ENDPOINT must be set when EMO_STORE_URL is an s3:// URL")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        """The database URL, defaulting to a SQLite file under the data directory."""
+        url = self.database_url or f"sqlite:///{self.home / 'emo.db'}"
+        if url.startswith(("postgresql://", "postgres://")):
+            url = "postgresql+psycopg://" + url.split("://", 1)[1]
+        return url
+
+    @property
+    def resolved_store_url(self) -> str:
+        """The object-store URL, defaulting to a directory under the data directory."""
+        return self.store_url or f"file://{self.home / 'store'}"
+
+    @property
+    def heartbeat_seconds(self) -> float:
+        """How often a render renews its lease: a third of its time to live."""
+        return self.lease_seconds / 3
+
+    @property
+    def samples_per_frame(self) -> int:
+        """Audio samples covered by one video frame (exact by construction)."""
+        return self.sample_rate // self.fps
+
+
+def _describe(error: ValidationError) -> str:
+    problems = []
+    for item in error.errors():
+        field = ".".join(str(part) for part in item["loc"])
+        name = f"{ENV_PREFIX}{field.upper()}" if field else "settings"
+        message = item["msg"].removeprefix("Value error, ")
+        problems.append(f"{name}: {message}" if field else message)
+    return "invalid setting: " + "; ".join(problems)
+
+
+def load_settings(**overrides: object) -> Settings:
+    """Read settings from the environment (and overrides); raise ``SettingsError`` if invalid."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as error:
+        raise SettingsError(_describe(error)) from None
+
+
+@functools.cache
+def get_settings() -> Settings:
+    """The process-wide settings, read once (``get_settings.cache_clear()`` re-reads)."""
+    return load_settings()

@@ -1,0 +1,230 @@
+"""Media through the real ffmpeg: audio decoding, encoding, stream-copy assembly, bad input."""
+
+from __future__ import annotations
+
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emo import media
+from emo.errors import MediaError
+from tests.conftest import run_emo, tone, write_wav
+
+FPS = 25
+
+
+def _ffmpeg(*args: str) -> None:
+    subprocess.run(
+        [media.ffmpeg_exe(), "-hide_banner", "-loglevel", "error", "-y", *args], check=True
+    )
+
+
+@pytest.fixture(scope="module")
+def stereo_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """2.5 s of a 440 Hz tone, 44.1 kHz stereo: every format below is made from it."""
+    folder = tmp_path_factory.mktemp("audio")
+    path = folder / "tone.wav"
+    _ffmpeg(
+        "-f",
+        "lavfi",
+        "-i",
+        "sine=frequency=440:duration=2.5",
+        "-ar",
+        "44100",
+        "-ac",
+        "2",
+        str(path),
+    )
+    return path
+
+
+@pytest.mark.parametrize(
+    ("suffix", "codec"),
+    [
+        (".wav", []),
+        (".flac", []),
+        (".mp3", []),
+        (".m4a", ["-c:a", "aac"]),
+        (".ogg", ["-c:a", "libvorbis"]),
+    ],
+)
+def test_load_audio_any_container_as_mono_16k(
+    stereo_wav: Path, suffix: str, codec: list[str]
+) -> None:
+    path = stereo_wav.with_suffix(suffix)
+    if not path.exists():
+        _ffmpeg("-i", str(stereo_wav), *codec, str(path))
+    audio = media.load_audio(path, 16000)
+    assert audio.dtype == np.float32 and audio.ndim == 1
+    assert abs(audio.size - 2.5 * 16000) <= 0.06 * 16000  # codec padding at most ~60 ms
+    spectrum = np.abs(np.fft.rfft(audio))
+    peak_hz = np.argmax(spectrum) * 16000 / audio.size
+    assert abs(peak_hz - 440) < 2  # resampled to the requested rate, not just relabelled
+
+
+def _segments(folder: Path, sizes: list[int], size: int = 32) -> list[Path]:
+    rng = np.random.default_rng(0)
+    paths = []
+    for k, count in enumerate(sizes):
+        frames = rng.integers(0, 255, (count, size, size, 3), dtype=np.uint8)
+        path = folder / f"seg{k}.mp4"
+        with media.VideoWriter(path, width=size, height=size, fps=FPS) as writer:
+            for frame in frames:  # frame by frame, as a renderer delivers them
+                writer.write(frame)
+        paths.append(path)
+    return paths
+
+
+def test_encoded_segment_is_cfr_h264_with_a_leading_keyframe(tmp_path: Path) -> None:
+    [path] = _segments(tmp_path, [30])
+    info = media.probe(path)
+    video = info.first("video")
+    assert video.codec == "h264" and video.packets == 30
+    assert (video.width, video.height) == (32, 32)
+    assert video.duration == pytest.approx(30 / FPS)
+    rows = [r for r in media.packet_listing(path).rows if r[0] == "0"]
+    assert len({int(r[3]) for r in rows}) == 1  # constant frame duration
+    decoded = subprocess.run(
+        [
+            media.ffmpeg_exe(),
+            "-v",
+            "info",
+            "-i",
+            str(path),
+            "-vf",
+            "showinfo",
+            "-frames:v",
+            "1",
+            "-f",
+            "null",
+            "-",
+        ],
+        capture_output=True,
+        text=True,
+    ).stderr
+    assert "iskey:1" in decoded and "type:I" in decoded
+
+
+def test_five_segments_concatenate_by_stream_copy_with_audio(tmp_path: Path) -> None:
+    sizes = [24, 12, 36, 12, 13]
+    total = sum(sizes)  # 97 frames = 3.88 s; the audio is a little shorter, as at assembly
+    audio_seconds = 3.85
+    audio = write_wav(tmp_path / "vocal.wav", tone(audio_seconds, 48000), 48000)
+    segments = _segments(tmp_path, sizes)
+    output = media.concat_videos(segments, tmp_path / "final.mp4", audio=audio)
+
+    info = media.probe(output)
+    assert info.video_frames == total
+    expected = [h for path in segments for h in media.video_packet_hashes(path)]
+    assert media.video_packet_hashes(output) == expected  # the inputs' packets, unchanged
+    assert info.first("audio") is not None and info.first("audio").codec == "aac"
+    assert abs(info.duration - audio_seconds) < 1 / FPS
+    assert media.load_audio(output, 16000).size == pytest.approx(audio_seconds * 16000, abs=1)
+    head = output.read_bytes()[:4096]
+    assert head.find(b"moov") < head.find(b"mdat") or b"mdat" not in head  # +faststart
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
+    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 degrees on display
+    image.save(tmp_path / "portrait.jpg", exif=exif)
+    pixels = media.load_image(tmp_path / "portrait.jpg")
+    assert pixels.shape == (40, 20, 3) and pixels.dtype == np.uint8
+
+
+# -- bad input: one clear error naming the file --------------------------------------------
+
+
+def _bad_audio(tmp_path: Path, kind: str, stereo_wav: Path) -> Path:
+    path = tmp_path / f"{kind}.bin"
+    if kind == "missing":
+        return tmp_path / "nope.wav"
+    if kind == "empty":
+        path = tmp_path / "empty.wav"
+        path.write_bytes(b"")
+    elif kind == "zero_length":
+        path = write_wav(tmp_path / "silence0.wav", np.zeros(0, dtype=np.float32))
+    elif kind == "text":
+        path = tmp_path / "notes.wav"
+        path.write_text("this is not audio\n" * 20)
+    elif kind in ("truncated_wav", "truncated_mp3", "truncated_flac", "truncated_m4a"):
+        suffix = "." + kind.split("_")[1]
+        full = tmp_path / f"full{suffix}"
+        _ffmpeg("-i", str(stereo_wav), *(["-c:a", "aac"] if suffix == ".m4a" else []), str(full))
+        path = tmp_path / f"cut{suffix}"
+        path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 5])
+    elif kind == "video_only":
+        [path] = _segments(tmp_path, [5])
+    return path
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("missing", "does not exist"),
+        ("empty", "is empty"),
+        ("zero_length", "no audio samples"),
+        ("text", "cannot be decoded"),
+        ("truncated_wav", "truncated"),
+        ("truncated_mp3", "truncated"),
+        ("truncated_flac", "truncated"),
+        ("truncated_m4a", "cannot be decoded"),
+        ("video_only", "no audio stream"),
+    ],
+)
+def test_bad_audio_gives_one_clear_error(
+    tmp_path: Path, stereo_wav: Path, kind: str, message: str
+) -> None:
+    path = _bad_audio(tmp_path, kind, stereo_wav)
+    with pytest.raises(MediaError, match=message) as caught:
+        media.load_audio(path, 16000)
+    assert path.name in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b"", "is empty"),
+        (b"hello, not a picture", "not an image"),
+        ("truncated", "cannot be decoded"),
+    ],
+)
+def test_bad_image_gives_one_clear_error(tmp_path: Path, content, message: str) -> None:
+    path = tmp_path / "portrait.png"
+    if content == "truncated":
+        Image.fromarray(
+            np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
+        ).save(path)
+        path.write_bytes(path.read_bytes()[:3000])
+    else:
+        path.write_bytes(content)
+    with pytest.raises(MediaError, match=message) as caught:
+        media.load_image(path)
+    assert "portrait.png" in str(caught.value)
+
+
+def test_odd_sizes_and_failed_encodes_leave_nothing_behind(tmp_path: Path) -> None:
+    with pytest.raises(MediaError, match="must be positive and even"):
+        media.VideoWriter(tmp_path / "odd.mp4", width=33, height=32, fps=FPS)
+    with (
+        pytest.raises(RuntimeError),
+        media.VideoWriter(tmp_path / "x.mp4", width=32, height=32, fps=FPS) as writer,
+    ):
+        writer.write(np.zeros((3, 32, 32, 3), np.uint8))
+        raise RuntimeError("renderer crashed")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_reports_bad_audio_without_a_traceback(tmp_path: Path) -> None:
+    bad = tmp_path / "take1.wav"
+    bad.write_text("not audio")
+    result = run_emo("plan", str(bad))
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "take1.wav" in lines[0] and lines[0].startswith("error:")
