@@ -1,0 +1,175 @@
+"""Weights bundles: one directory per model, every component in its own subfolder.
+
+    BUNDLE/emo.json              configuration, component list, content hash, provenance
+    BUNDLE/<component>/...       save_pretrained output (config.json + safetensors)
+    BUNDLE/scheduler/...         the noise schedule the model was trained with
+
+The hash (sha256) covers every file of every component and the model configuration, and is
+recorded by every output made with the bundle. Metadata (where it came from, evaluation)
+does not change it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import torch
+from diffusers import AutoencoderKL, DDIMScheduler
+from transformers import Wav2Vec2Model
+
+from emo.errors import SettingsError
+from emo.models.audio import AudioProjection
+from emo.models.backbone import Backbone
+from emo.models.components import EMOComponents
+from emo.models.config import EMOConfig
+from emo.models.face_locator import FaceLocator
+from emo.models.reference_net import ReferenceNet
+from emo.models.speed import SpeedEncoder
+from emo.store.base import sha256_stream
+
+BUNDLE_FILE = "emo.json"
+FORMAT_VERSION = 1
+COMPONENT_CLASSES = {
+    "backbone": Backbone,
+    "reference_net": ReferenceNet,
+    "face_locator": FaceLocator,
+    "audio_projection": AudioProjection,
+    "speed_encoder": SpeedEncoder,
+    "vae": AutoencoderKL,
+    "wav2vec2": Wav2Vec2Model,
+}
+HASHED_DIRS = (*COMPONENT_CLASSES, "scheduler")
+
+
+@dataclass
+class BundleInfo:
+    """What ``emo.json`` says about a bundle."""
+
+    path: Path
+    config: EMOConfig
+    sha256: str
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+def content_hash(path: Path, config: EMOConfig) -> str:
+    """sha256 over the model configuration and every component file (path and content)."""
+    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    for folder in HASHED_DIRS:
+        for file in sorted((path / folder).rglob("*")):
+            if file.is_file():
+                with open(file, "rb") as stream:
+                    file_hash = sha256_stream(stream)
+                digest.update(f"{file.relative_to(path).as_posix()}\0{file_hash}\n".encode())
+    return digest.hexdigest()
+
+
+def _drop_load_path(config_file: Path) -> None:
+    """diffusers records where a model was loaded from; that must not change the hash."""
+    document = json.loads(config_file.read_text())
+    if document.pop("_name_or_path", None) is not None:
+        config_file.write_text(json.dumps(document, indent=2, sort_keys=True) + "\n")
+
+
+def save_bundle(
+    components: EMOComponents,
+    config: EMOConfig,
+    path: Path | str,
+    *,
+    scheduler_config: dict[str, Any] | None = None,
+    meta: dict[str, Any] | None = None,
+    dtype: torch.dtype | None = None,
+) -> BundleInfo:
+    """Write a bundle (atomically: built in a sibling temp dir, then renamed into place)."""
+    path = Path(path)
+    if path.exists():
+        raise SettingsError(f"bundle directory {path} already exists; choose a new -o path")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        for f in fields(components):
+            module = getattr(components, f.name)
+            if dtype is not None:
+                module = module.to(dtype)
+            module.save_pretrained(staging / f.name, safe_serialization=True)
+            _drop_load_path(staging / f.name / "config.json")
+        DDIMScheduler.from_config(scheduler_config or config.scheduler).save_pretrained(
+            staging / "scheduler"
+        )
+        info = BundleInfo(
+            path=path, config=config, sha256=content_hash(staging, config), meta=meta or {}
+        )
+        document = {
+            "format": FORMAT_VERSION,
+            "config": config.to_dict(),
+            "sha256": info.sha256,
+            "components": list(COMPONENT_CLASSES),
+            "meta": info.meta,
+        }
+        (staging / BUNDLE_FILE).write_text(json.dumps(document, indent=2, sort_keys=True))
+        os.replace(staging, path)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return info
+
+
+def read_bundle_info(path: Path | str) -> BundleInfo:
+    """Read ``emo.json``; a missing or broken bundle is a clear error naming the path."""
+    path = Path(path)
+    document_path = path / BUNDLE_FILE
+    if not document_path.is_file():
+        raise SettingsError(
+            f"{path} is not a weights bundle (no {BUNDLE_FILE}); set EMO_WEIGHTS or --weights "
+            "to a directory made by `emo weights init` or `emo train`"
+        )
+    try:
+        document = json.loads(document_path.read_text())
+        config = EMOConfig.from_dict(document["config"])
+        return BundleInfo(
+            path=path, config=config, sha256=document["sha256"], meta=document.get("meta", {})
+        )
+    except (ValueError, KeyError, TypeError) as error:
+        raise SettingsError(
+            f"weights bundle {path} has an unreadable {BUNDLE_FILE}: {error}"
+        ) from None
+
+
+def verify_bundle(info: BundleInfo) -> None:
+    """Raise unless the files on disk still hash to the recorded value."""
+    actual = content_hash(info.path, info.config)
+    if actual != info.sha256:
+        raise SettingsError(
+            f"weights bundle {info.path} is damaged or was edited: content hash "
+            f"{actual[:12]} != recorded {info.sha256[:12]}"
+        )
+
+
+def load_bundle(
+    path: Path | str,
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    verify: bool = True,
+) -> tuple[EMOComponents, BundleInfo]:
+    """Load every component of a bundle onto ``device`` in ``dtype``, in eval mode."""
+    info = read_bundle_info(path)
+    if verify:
+        verify_bundle(info)
+    modules = {
+        name: cls.from_pretrained(info.path / name, torch_dtype=dtype)
+        for name, cls in COMPONENT_CLASSES.items()
+    }
+    components = EMOComponents(**modules).to(device, dtype).eval()
+    return components, info
+
+
+def scheduler_config(info: BundleInfo) -> dict[str, Any]:
+    """The bundle's noise-schedule configuration."""
+    return dict(DDIMScheduler.load_config(info.path / "scheduler"))
