@@ -1,0 +1,413 @@
+"""``emo render | submit | status | resume | cancel | serve | demo``: the studio's commands.
+
+They run the same Prefect flows as production. With the embedded defaults, flows run in this
+process against an ephemeral Prefect server, the database is SQLite and the store a directory,
+all under EMO_HOME.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from emo import progress
+from emo.errors import EmoError, NotFound, SettingsError
+from emo.settings import get_settings
+
+console = Console()
+ASSETS = Path(__file__).resolve().parent / "assets"
+
+
+class ClipProgress:
+    """A progress bar over clips (with ETA), fed by the render flow."""
+
+    def __init__(self) -> None:
+        self.bar = Progress(
+            TextColumn("[bold]{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed:.0f}/{task.total:.0f} clips"),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            transient=False,
+        )
+        self.task = self.bar.add_task("preparing", total=1)
+        self.done_steps: dict[int, int] = {}
+
+    def step(self, clip: int, step: int, steps: int, total_clips: int) -> None:
+        self.done_steps[clip] = step
+        self.bar.update(
+            self.task, total=total_clips, completed=sum(s / steps for s in self.done_steps.values())
+        )
+
+    def segment(self, index: int, total: int) -> None:
+        self.bar.update(self.task, description=f"segment {index + 1}/{total}")
+
+    def __enter__(self) -> ClipProgress:
+        self.bar.start()
+        progress.listen(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        progress.listen(None)
+        self.bar.stop()
+
+
+def _safe_name(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:200] or "render"
+
+
+def _job_manifest(image: Path, audio: Path, name: str, options: dict[str, Any]) -> Path:
+    """A one-job manifest under EMO_HOME; same inputs and options -> same job."""
+    for path, kind in ((image, "image"), (audio, "audio")):
+        if not path.is_file():
+            raise SettingsError(f"{kind} file {str(path)!r} does not exist")
+    document = {
+        "name": f"render-{name}",
+        "jobs": [
+            {
+                "name": name,
+                "image": str(image.absolute()),
+                "audio": str(audio.absolute()),
+                **{k: v for k, v in options.items() if v is not None},
+            }
+        ],
+    }
+    data = json.dumps(document, sort_keys=True, indent=2)
+    folder = get_settings().home / "manifests"
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{hashlib.sha256(data.encode()).hexdigest()[:16]}.json"
+    path.write_text(data)
+    return path
+
+
+def _use_weights(weights: Path | None) -> None:
+    if weights is not None:
+        os.environ["EMO_WEIGHTS"] = str(weights)
+        get_settings.cache_clear()
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _report(result: dict[str, Any]) -> None:
+
+    qc = result.get("qc") or {}
+    console.print(f"[green]done[/]: {result.get('output') or result.get('output_uri')}")
+    if result.get("output"):
+        output = Path(result["output"])
+        console.print(f"sidecar: {output.with_name(output.stem + '.json')}")
+    console.print(f"segments rendered this run: {result.get('rendered')}/{result.get('segments')}")
+    if qc:
+        console.print(
+            f"QC: seam jitter {_num(qc.get('seam_jitter'))}, identity "
+            f"{_num(qc.get('identity_mean'))}, sync {_num(qc.get('sync_strength'))} "
+            f"(lag {qc.get('sync_lag_frames')} frames)"
+        )
+        for warning in qc.get("warnings", []):
+            console.print(f"[yellow]QC warning[/]: {warning}")
+    console.print(f"job {result['job_id']}: `emo status {result['job_id']}`")
+    api = os.environ.get("PREFECT_API_URL")
+    where = api.removesuffix("/api") if api else "ephemeral server (`emo serve` shows a UI)"
+    console.print(f"Prefect: {where}")
+
+
+def render(
+    image: Annotated[Path, typer.Argument(help="reference portrait")],
+    audio: Annotated[Path, typer.Argument(help="vocal track")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="output file (png: a folder)")],
+    seed: Annotated[int | None, typer.Option(help="seed; default derived from the job")] = None,
+    steps: Annotated[int | None, typer.Option(help="denoising steps; default the model's")] = None,
+    guidance: Annotated[float | None, typer.Option(help="audio guidance scale")] = None,
+    speed: Annotated[float | None, typer.Option(help="head motion level, rad/frame")] = None,
+    segment_seconds: Annotated[float | None, typer.Option(help="checkpoint every ~S s")] = None,
+    format: Annotated[str, typer.Option(help="mp4, mov (ProRes 422 HQ) or png")] = "mp4",
+    scheduler: Annotated[str | None, typer.Option(help="ddim, dpm++, euler, pndm, unipc")] = None,
+    face_box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 as fractions")] = None,
+    face_policy: Annotated[str | None, typer.Option(help="error or full_frame")] = None,
+    weights: Annotated[
+        Path | None, typer.Option(help="weights bundle; default EMO_WEIGHTS")
+    ] = None,
+) -> None:
+    """Render one portrait + vocal track end to end (the same flow as a batch job)."""
+    _use_weights(weights)
+    from flows.render_track import render_track
+    from flows.submit_batch import submit_batch
+
+    options = {
+        "seed": seed,
+        "steps": steps,
+        "guidance": guidance,
+        "speed": speed,
+        "segment_seconds": segment_seconds,
+        "format": format,
+        "scheduler": scheduler,
+        "face_box": face_box,
+        "face_policy": face_policy,
+    }
+    manifest = _job_manifest(image, audio, _safe_name(output.stem), options)
+    registered = submit_batch(manifest=str(manifest), render=False)
+    job_id = next(iter(registered["jobs"].values()))
+    with ClipProgress():
+        result = render_track(job_id=job_id, output=str(output.absolute()))
+    _report(result)
+
+
+def submit(
+    manifest: Annotated[str, typer.Argument(help="manifest (.yaml, .json, .csv; path or s3://)")],
+    output_dir: Annotated[Path | None, typer.Option(help="also copy finished videos here")] = None,
+    wait: Annotated[bool, typer.Option(help="wait for deployment runs to finish")] = False,
+) -> None:
+    """Submit a batch: validate, pre-flight, register, render (inline) or dispatch."""
+    from flows.submit_batch import submit_batch
+
+    settings = get_settings()
+    render_now = settings.dispatch == "inline" or wait
+    with ClipProgress():
+        result = submit_batch(
+            manifest=manifest, output_dir=str(output_dir) if output_dir else None, render=render_now
+        )
+    word = "registered" if result["created"] else "already registered"
+    console.print(f"batch {result['name']} ({result['batch_id']}) {word}")
+    _print_table(result["table"])
+    if any(row["status"] == "failed" for row in result["table"]):
+        raise typer.Exit(1)
+
+
+def _print_table(rows: list[dict[str, Any]]) -> None:
+    if not rows:
+        return
+    table = Table()
+    for column in rows[0]:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*(str(v) for v in row.values()))
+    console.print(table)
+
+
+def _find_job(session: Any, reference: str):
+    from sqlalchemy import select
+
+    from db.models import Job
+
+    matches = list(session.scalars(select(Job).where(Job.id.startswith(reference)).limit(2)))
+    if not matches:
+        matches = list(session.scalars(select(Job).where(Job.name == reference).limit(2)))
+    if len(matches) != 1:
+        raise NotFound(f"no single job matches {reference!r} (give its id or a unique prefix)")
+    return matches[0]
+
+
+def status(
+    reference: Annotated[str | None, typer.Argument(help="batch or job id (or prefix)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
+) -> None:
+    """Show batches, or one batch's jobs, or one job with its segments."""
+    from sqlalchemy import select
+
+    from db.models import Batch, Job
+    from flows.context import services
+    from flows.submit_batch import batch_rows
+
+    with services().sessions() as session:
+        if reference is None:
+            batches = list(
+                session.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(50))
+            )
+            rows = [
+                {"batch": b.id, "name": b.name, "jobs": len(b.jobs), **_counts(b.jobs)}
+                for b in batches
+            ]
+        else:
+            batch = session.scalar(select(Batch).where(Batch.id.startswith(reference)))
+            if batch is not None:
+                rows = batch_rows(list(batch.jobs))
+            else:
+                job: Job = _find_job(session, reference)
+                done = sum(1 for s in job.segments if s.status.value == "done")
+                rows = [
+                    {
+                        "job": job.id,
+                        "name": job.name,
+                        "batch": job.batch.name,
+                        "status": job.status.value,
+                        "attempt": job.attempt,
+                        "segments": f"{done}/{len(job.segments)}",
+                        "output": job.output_uri or "",
+                        "error": job.error or "",
+                        "qc_warnings": "; ".join((job.qc or {}).get("warnings", [])),
+                    }
+                ]
+    if as_json:
+        typer.echo(json.dumps(rows, indent=2, default=str))
+    else:
+        _print_table(rows)
+
+
+def _counts(jobs: list[Any]) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for job in jobs:
+        counts[job.status.value] = counts.get(job.status.value, 0) + 1
+    return counts
+
+
+def resume(
+    job: Annotated[str | None, typer.Argument(help="job id (or prefix)")] = None,
+    failed: Annotated[
+        bool, typer.Option("--failed", help="every failed job with attempts left")
+    ] = False,
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="output file")] = None,
+) -> None:
+    """Render what is missing of a job (only segments without a valid checkpoint)."""
+    from sqlalchemy import select
+
+    from db.models import Job, JobStatus
+    from flows.context import services
+    from flows.render_track import render_track
+
+    if (job is None) == (not failed):
+        raise SettingsError("give a job id, or --failed (not both)")
+    with services().sessions() as session:
+        if failed:
+            ids = list(
+                session.scalars(
+                    select(Job.id).where(
+                        Job.status == JobStatus.FAILED, Job.attempt < Job.max_attempts
+                    )
+                )
+            )
+        else:
+            ids = [_find_job(session, job).id]
+    if not ids:
+        console.print("nothing to resume")
+        return
+    errors = 0
+    for job_id in ids:
+        try:
+            with ClipProgress():
+                result = render_track(
+                    job_id=job_id, output=str(output.absolute()) if output else None
+                )
+            _report(result)
+        except EmoError as error:
+            errors += 1
+            console.print(f"[red]job {job_id}[/]: {error}")
+    if errors:
+        raise typer.Exit(1)
+
+
+def cancel(job: Annotated[str, typer.Argument(help="job id (or prefix)")]) -> None:
+    """Cancel a queued or running job (a running render stops before its next segment)."""
+    from db.jobs import transition_job
+    from db.models import JobStatus
+    from flows.context import services
+
+    with services().sessions() as session:
+        found = _find_job(session, job)
+        transition_job(
+            session=session,
+            job_id=found.id,
+            to=JobStatus.CANCELLED,
+            actor="emo cancel",
+            reason="cancelled by a user",
+        )
+    console.print(f"job {found.name} ({found.id}) cancelled")
+
+
+def serve(
+    port: Annotated[int, typer.Option(help="UI and API port")] = 4200,
+) -> None:
+    """Run a local Prefect server (UI on 127.0.0.1:PORT) and serve emo's flows to it."""
+    import httpx
+
+    api = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "PREFECT_API_URL": api},
+    )
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise EmoError(f"the Prefect server did not start on port {port}")
+        os.environ["PREFECT_API_URL"] = api
+        console.print(f"Prefect UI: http://127.0.0.1:{port}  (Ctrl-C stops)")
+        from prefect import serve as prefect_serve
+
+        from flows.nightly import nightly
+        from flows.render_track import render_track
+        from flows.submit_batch import submit_batch
+
+        prefect_serve(
+            render_track.to_deployment(name="render-track"),
+            submit_batch.to_deployment(name="submit-batch"),
+            nightly.to_deployment(name="nightly"),
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def demo(
+    output: Annotated[Path, typer.Option("-o", "--output")] = Path("out/demo.mp4"),
+) -> None:
+    """Render the bundled sample portrait and vocal track with the bundled weights."""
+    settings = get_settings()
+    if settings.weights is None:
+        console.print(
+            "[yellow]note[/]: no trained demo model ships yet (issue 'Demo model'); "
+            "rendering with an untrained tiny bundle, so the video shows noise."
+        )
+    render(
+        image=ASSETS / "demo_portrait.png",
+        audio=ASSETS / "demo_vocal.wav",
+        output=output,
+        seed=0,
+        steps=None,
+        guidance=None,
+        speed=None,
+        segment_seconds=4.0,
+        format="mp4",
+        scheduler=None,
+        face_box="0.2,0.15,0.8,0.85",
+        face_policy=None,
+        weights=None,
+    )
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the ``emo`` app."""
+    for command in (render, submit, status, resume, cancel, serve, demo):
+        app.command()(command)

@@ -1,0 +1,1 @@
+"""Quality measures of rendered videos (QC) and, later, of trained models (evaluation)."""

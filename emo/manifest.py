@@ -1,0 +1,182 @@
+"""Batch manifests (YAML, JSON or CSV): what a studio submits.
+
+    name: spring-campaign
+    defaults: {steps: 40, guidance: 3.5, speed: 0.02, format: mp4}
+    jobs:
+      - name: anna-song
+        image: portraits/anna.png          # local path (relative to the manifest), file:// or s3://
+        audio: s3://studio/vocals/song.wav
+        seed: 7
+        speed: [[0, 0.01], [30, 0.05]]     # (time in seconds, level) points, or one level
+
+A CSV manifest has one job per row (columns as the job fields) and takes its batch name from
+the file name. Validation reports every problem in one pass with its place (job name or row,
+field); nothing is registered while any job is invalid.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import json
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from emo.errors import EmoError
+
+NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+SpeedPoints = list[tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0, le=1)]]]
+
+
+class ManifestError(EmoError):
+    """A manifest is invalid; the message lists every problem with its place."""
+
+    exit_code = 2
+
+    def __init__(self, source: str, problems: list[str]) -> None:
+        self.problems = problems
+        listing = "\n".join(f"  - {p}" for p in problems)
+        super().__init__(f"manifest {source} has {len(problems)} problem(s):\n{listing}")
+
+
+class JobOptions(BaseModel):
+    """Parameters a job may set; a batch's ``defaults`` may set the same ones."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    seed: int | None = Field(None, ge=0, lt=2**63)
+    steps: int | None = Field(None, ge=1, le=1000)
+    guidance: float | None = Field(None, ge=0, le=50)
+    scheduler: Literal["ddim", "dpm++", "euler", "pndm", "unipc"] | None = None
+    speed: float | SpeedPoints | None = None
+    segment_seconds: float | None = Field(None, gt=0, le=3600)
+    face_box: tuple[float, float, float, float] | None = None
+    face_policy: Literal["error", "full_frame"] | None = None
+    format: Literal["mp4", "mov", "png"] | None = None
+    priority: int | None = Field(None, ge=-1000, le=1000)
+
+    @field_validator("speed", mode="before")
+    @classmethod
+    def _speed_number(cls, value: Any) -> Any:
+        if isinstance(value, str):  # CSV cells
+            value = value.strip()
+            return json.loads(value) if value.startswith("[") else float(value)
+        return value
+
+    @field_validator("face_box", mode="before")
+    @classmethod
+    def _box_text(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [float(v) for v in value.replace(";", ",").split(",")]
+        return value
+
+    @field_validator("face_box", mode="after")
+    @classmethod
+    def _box_order(cls, value: tuple[float, ...] | None) -> tuple[float, ...] | None:
+        if value is not None:
+            x0, y0, x1, y1 = value
+            if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
+                raise ValueError("face_box is x0,y0,x1,y1 as fractions with x0<x1 and y0<y1")
+        return value
+
+
+class JobEntry(JobOptions):
+    """One portrait + one vocal track -> one output named ``name``."""
+
+    name: str
+    image: str = Field(min_length=1)
+    audio: str = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, value: str) -> str:
+        if not NAME.match(value) or value in (".", ".."):
+            raise ValueError("use letters, digits, '-', '_' and '.' only (it names the output)")
+        return value
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str
+    defaults: JobOptions = Field(default_factory=JobOptions)
+    jobs: list[JobEntry] = Field(min_length=1)
+
+    @field_validator("name")
+    @classmethod
+    def _safe_batch_name(cls, value: str) -> str:
+        if not NAME.match(value):
+            raise ValueError("use letters, digits, '-', '_' and '.' only")
+        return value
+
+    def job_options(self, job: JobEntry) -> dict[str, Any]:
+        """The job's parameters with the batch defaults filled in (unset ones omitted)."""
+        merged = self.defaults.model_dump(exclude_none=True)
+        merged.update(job.model_dump(exclude_none=True, exclude={"name", "image", "audio"}))
+        return merged
+
+
+def _parse(data: bytes, kind: str, source: str) -> dict[str, Any]:
+    text = data.decode("utf-8-sig")
+    if kind == "csv":
+        rows = [
+            {k.strip(): v.strip() for k, v in row.items() if k and v and v.strip()}
+            for row in csv.DictReader(io.StringIO(text))
+        ]
+        return {"name": Path(source).stem, "jobs": rows}
+    loaded = json.loads(text) if kind == "json" else yaml.safe_load(text)
+    if not isinstance(loaded, dict):
+        raise ManifestError(source, ["the top level must be a mapping with name and jobs"])
+    return loaded
+
+
+def _place(document: dict[str, Any], location: tuple[Any, ...]) -> str:
+    if len(location) >= 2 and location[0] == "jobs" and isinstance(location[1], int):
+        jobs = document.get("jobs") or []
+        row = location[1]
+        name = jobs[row].get("name") if row < len(jobs) and isinstance(jobs[row], dict) else None
+        where = f"job {name!r} (row {row + 1})" if name else f"job row {row + 1}"
+        field = ".".join(str(p) for p in location[2:])
+        return f"{where}, {field}" if field else where
+    return ".".join(str(p) for p in location) or "manifest"
+
+
+def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tuple[Manifest, str]:
+    """Validate manifest bytes; return it with its sha256 (the batch's identity)."""
+    kind = kind or Path(source).suffix.lower().lstrip(".").replace("yml", "yaml")
+    if kind not in ("yaml", "json", "csv"):
+        raise ManifestError(source, ["unknown format: name the file .yaml, .json or .csv"])
+    try:
+        document = _parse(data, kind, source)
+    except (ValueError, yaml.YAMLError, csv.Error) as error:
+        raise ManifestError(source, [f"cannot be read as {kind}: {error}"]) from None
+    try:
+        manifest = Manifest.model_validate(document)
+    except ValidationError as error:
+        problems = [f"{_place(document, tuple(e['loc']))}: {e['msg']}" for e in error.errors()]
+        raise ManifestError(source, problems) from None
+    seen: dict[str, int] = {}
+    duplicates = []
+    for row, job in enumerate(manifest.jobs, start=1):
+        if job.name in seen:
+            duplicates.append(
+                f"job {job.name!r} (row {row}): name already used by row "
+                f"{seen[job.name]}; job names must be unique"
+            )
+        seen.setdefault(job.name, row)
+    if duplicates:
+        raise ManifestError(source, duplicates)
+    return manifest, hashlib.sha256(data).hexdigest()
+
+
+def read_manifest(path: Path | str) -> tuple[Manifest, str]:
+    """Read and validate a manifest file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ManifestError(str(path), ["file does not exist"])
+    return parse_manifest(path.read_bytes(), source=str(path))

@@ -1,0 +1,258 @@
+"""What rendering one job needs besides orchestration: inputs, weights, portrait, segments.
+
+The Prefect flows (``flows/``) call these in order; they hold no database or Prefect logic,
+so they are testable on their own.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import json
+import shutil
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlparse
+
+import numpy as np
+import torch
+from PIL import Image
+
+from emo.errors import MediaError, SettingsError
+from emo.face import FaceRegion, face_region
+from emo.pipeline import EMOPipeline, MotionState, ProgressCallback
+from emo.plan import PlannedSegment, SegmentPlan
+from emo.settings import Settings
+from emo.store import open_store
+
+UNTRAINED = "tiny-untrained"
+# Seconds per 12-frame clip at 40 steps, for estimates: full from the FLOP count on one H100 at
+# 40% of peak (bench/model.py), tiny as measured on a 2-core CPU.
+SECONDS_PER_CLIP = {"full": 3.4, "tiny": 1.8}
+
+
+@dataclass(frozen=True)
+class JobParams:
+    """Every parameter of a render, resolved (manifest -> batch defaults -> model defaults)."""
+
+    seed: int
+    steps: int
+    guidance: float
+    scheduler: str
+    speed: float | list[tuple[float, float]]
+    segment_seconds: float
+    face_box: tuple[float, float, float, float] | None
+    face_policy: str
+    format: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def resolve_params(
+    options: dict[str, Any],
+    *,
+    job_id: str,
+    settings: Settings,
+    model_steps: int,
+    model_guidance: float,
+) -> JobParams:
+    """Fill a job's unset options from settings and the model's configuration."""
+    box = options.get("face_box")
+    return JobParams(
+        seed=int(options.get("seed", int(job_id[:12], 16))),
+        steps=int(options.get("steps", model_steps)),
+        guidance=float(options.get("guidance", model_guidance)),
+        scheduler=options.get("scheduler", "ddim"),
+        speed=options.get("speed", 0.02),
+        segment_seconds=float(options.get("segment_seconds", settings.segment_seconds)),
+        face_box=tuple(box) if box else None,
+        face_policy=options.get("face_policy", "error"),
+        format=options.get("format", "mp4"),
+    )
+
+
+def job_id_for(manifest_sha256: str, name: str) -> str:
+    """Jobs are named by their manifest and name, so resubmission finds the same job."""
+    return hashlib.sha256(f"{manifest_sha256}:{name}".encode()).hexdigest()[:32]
+
+
+# -- inputs --------------------------------------------------------------------------------
+
+
+def fetch(uri: str, destination: Path, *, base_dir: Path, settings: Settings) -> Path:
+    """Copy an input (local path relative to ``base_dir``, ``file://`` or ``s3://``) locally."""
+    parsed = urlparse(uri)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    if parsed.scheme == "s3":
+        store = open_store(f"s3://{parsed.netloc}", settings)
+        return store.get_file(parsed.path.lstrip("/"), destination)
+    if parsed.scheme == "file":
+        source = Path(unquote(parsed.path))
+    elif parsed.scheme in ("", None) or len(parsed.scheme) == 1:  # plain or Windows-like path
+        source = Path(uri) if Path(uri).is_absolute() else base_dir / uri
+    else:
+        raise MediaError(f"input {uri!r}: unsupported location; use a path, file:// or s3://")
+    if not source.is_file():
+        raise MediaError(f"input file {str(source)!r} does not exist")
+    shutil.copyfile(source, destination)
+    return destination
+
+
+def prepare_portrait(
+    image: np.ndarray, region: FaceRegion, size: int
+) -> tuple[np.ndarray, tuple[float, float, float, float]]:
+    """Square crop around the face, resized to ``size``; returns it and the box within it."""
+    height, width = image.shape[:2]
+    side = min(height, width)
+    x0, y0, x1, y1 = region.box
+    cx, cy = (x0 + x1) / 2 * width, (y0 + y1) / 2 * height
+    left = int(min(max(cx - side / 2, 0), width - side))
+    top = int(min(max(cy - side / 2, 0), height - side))
+    crop = Image.fromarray(image[top : top + side, left : left + side])
+    square = np.array(crop.resize((size, size), Image.Resampling.LANCZOS))
+    box = (
+        (x0 * width - left) / side,
+        (y0 * height - top) / side,
+        (x1 * width - left) / side,
+        (y1 * height - top) / side,
+    )
+    return square, tuple(min(max(v, 0.0), 1.0) for v in box)  # type: ignore[return-value]
+
+
+def portrait_region(image: np.ndarray, params: JobParams, image_name: str) -> FaceRegion:
+    return face_region(
+        image, image_name=image_name, manual_box=params.face_box, policy=params.face_policy
+    )
+
+
+def speed_schedule(speed: float | Sequence[Sequence[float]], frames: int, fps: int) -> np.ndarray:
+    """A per-frame speed array from one level or (time, level) points (linear between)."""
+    if isinstance(speed, int | float):
+        return np.full(frames, float(speed), dtype=np.float32)
+    points = sorted((float(t), float(v)) for t, v in speed)
+    times = np.arange(frames) / fps
+    return np.interp(times, [t for t, _ in points], [v for _, v in points]).astype(np.float32)
+
+
+def estimate_seconds(clips: int, steps: int, config_name: str) -> float:
+    """GPU (or CPU) seconds a render of ``clips`` clips should take."""
+    return clips * SECONDS_PER_CLIP.get(config_name, SECONDS_PER_CLIP["full"]) * steps / 40
+
+
+# -- weights and the pipeline ----------------------------------------------------------------
+
+
+def resolve_weights(settings: Settings) -> Path:
+    """The local bundle to use: EMO_WEIGHTS (a path, or an s3:// prefix cached by hash), or
+    the untrained tiny bundle generated under EMO_HOME until the demo model ships."""
+    from emo.bundle import read_bundle_info, save_bundle
+
+    configured = str(settings.weights) if settings.weights else None
+    if configured and configured.startswith("s3:/"):
+        return _cached_remote_bundle(
+            configured.replace("s3:/", "s3://", 1)
+            if not configured.startswith("s3://")
+            else configured,
+            settings,
+        )
+    if configured:
+        read_bundle_info(configured)  # a clear error if it is not a bundle
+        return Path(configured)
+    path = settings.home / "weights" / UNTRAINED
+    if not path.exists():
+        from emo.models.components import build_components
+        from emo.models.config import TINY
+
+        save_bundle(
+            build_components(TINY, seed=0),
+            TINY,
+            path,
+            meta={"made_by": "emo (untrained placeholder until the demo model ships)"},
+        )
+    return path
+
+
+def _cached_remote_bundle(uri: str, settings: Settings) -> Path:
+    from emo.bundle import BUNDLE_FILE, read_bundle_info
+
+    parsed = urlparse(uri)
+    store = open_store(f"s3://{parsed.netloc}", settings)
+    prefix = parsed.path.strip("/")
+    prefix = f"{prefix}/" if prefix else ""
+    sha = json.loads(store.get_bytes(prefix + BUNDLE_FILE))["sha256"]
+    local = settings.home / "weights" / "cache" / sha
+    if not (local / BUNDLE_FILE).is_file():
+        staging = local.with_name(f".{sha}.partial")
+        shutil.rmtree(staging, ignore_errors=True)
+        for info in store.list(prefix):
+            store.get_file(info.key, staging / info.key[len(prefix) :])
+        staging.rename(local)
+    read_bundle_info(local)
+    return local
+
+
+def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
+    """EMO_DEVICE / EMO_PRECISION, with 'auto' picking CUDA + bf16 (fp16 if unsupported)."""
+    name = settings.device
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise SettingsError(
+            f"EMO_DEVICE: {name!r} is not a device (auto, cpu, cuda, cuda:N)"
+        ) from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SettingsError("EMO_DEVICE asks for CUDA, but no CUDA device is available")
+    precision = settings.precision
+    if precision == "auto":
+        if device.type == "cuda":
+            precision = "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+        else:
+            precision = "float32"
+    return device, getattr(torch, precision)
+
+
+@functools.lru_cache(maxsize=2)
+def load_pipeline(path: str, device: str, dtype: str, fps: int, sample_rate: int) -> EMOPipeline:
+    """One pipeline per bundle and device in a process (weights load once per flow run)."""
+    return EMOPipeline.from_bundle(
+        path, device=device, dtype=getattr(torch, dtype), fps=fps, sample_rate=sample_rate
+    )
+
+
+# -- segments --------------------------------------------------------------------------------
+
+
+def render_segment(
+    pipeline: EMOPipeline,
+    *,
+    portrait: np.ndarray,
+    face_box: tuple[float, float, float, float],
+    audio: np.ndarray,
+    speeds: np.ndarray,
+    plan: SegmentPlan,
+    segment: PlannedSegment,
+    params: JobParams,
+    motion_state: MotionState | None,
+    callback: ProgressCallback | None = None,
+) -> tuple[np.ndarray, MotionState]:
+    """The frames of one segment (padding of the track's last clip dropped) and the state."""
+    clips = range(segment.clip_start, segment.clip_start + segment.clip_count)
+    out = pipeline(
+        portrait,
+        audio,
+        clips=clips,
+        face_box=face_box,
+        speed=speeds,
+        seed=params.seed,
+        steps=params.steps,
+        guidance_scale=params.guidance,
+        scheduler=params.scheduler,
+        motion_state=motion_state,
+        callback=callback,
+    )
+    return out.frames[: segment.frames], out.motion_state

@@ -1,0 +1,83 @@
+"""Manifest validation: every problem reported at once, with its place."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from emo.manifest import ManifestError, parse_manifest
+
+YAML = b"""
+name: spring-campaign
+defaults: {steps: 30, guidance: 3.5, speed: 0.02}
+jobs:
+  - {name: anna-song, image: anna.png, audio: song.wav, seed: 7}
+  - {name: ben.talk, image: s3://studio/ben.png, audio: file:///vocals/ben.flac,
+     speed: [[0, 0.01], [30, 0.05]], steps: 20, format: mov}
+"""
+
+
+def test_yaml_json_and_csv_parse_with_defaults() -> None:
+    manifest, sha = parse_manifest(YAML, source="batch.yaml")
+    assert manifest.name == "spring-campaign" and len(sha) == 64
+    anna, ben = manifest.jobs
+    assert manifest.job_options(anna) == {"steps": 30, "guidance": 3.5, "speed": 0.02, "seed": 7}
+    assert manifest.job_options(ben)["steps"] == 20
+    assert manifest.job_options(ben)["speed"] == [(0.0, 0.01), (30.0, 0.05)]
+    as_json = json.dumps(
+        {"name": "b", "jobs": [{"name": "x", "image": "i.png", "audio": "a.wav"}]}
+    ).encode()
+    assert parse_manifest(as_json, source="b.json")[0].jobs[0].name == "x"
+    csv = b'name,image,audio,seed,face_box\nx,i.png,a.wav,3,"0.1,0.1,0.6,0.7"\ny,j.png,b.wav,,\n'
+    manifest, _ = parse_manifest(csv, source="/in/studio-b.csv")
+    assert manifest.name == "studio-b" and manifest.jobs[0].seed == 3
+    assert manifest.jobs[0].face_box == (0.1, 0.1, 0.6, 0.7) and manifest.jobs[1].seed is None
+
+
+def test_every_bad_job_is_reported_with_its_place() -> None:
+    bad = b"""
+name: broken
+jobs:
+  - {name: ok, image: a.png, audio: a.wav}
+  - {name: ../escape, image: a.png, audio: a.wav}
+  - {name: no-audio, image: a.png}
+  - {name: bad-steps, image: a.png, audio: a.wav, steps: 0, format: avi}
+  - {image: a.png, audio: a.wav}
+"""
+    with pytest.raises(ManifestError) as caught:
+        parse_manifest(bad, source="broken.yaml")
+    problems = caught.value.problems
+    text = str(caught.value)
+    assert len(problems) == 5, text
+    assert "job '../escape' (row 2), name" in text
+    assert "job 'no-audio' (row 3), audio: Field required" in text
+    assert "job 'bad-steps' (row 4), steps" in text and "job 'bad-steps' (row 4), format" in text
+    assert "job row 5, name: Field required" in text
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (
+            b"name: x\njobs:\n - {name: a, image: i, audio: a}\n - {name: a, image: j, audio: b}\n",
+            "name already used by row 1",
+        ),
+        (b"name: x\njobs: []\n", "jobs"),
+        (b"just a string", "top level must be a mapping"),
+        (
+            b"name: x\njobs: [{name: a, image: i, audio: a, face_box: [0.5, 0, 0.2, 1]}]\n",
+            "face_box",
+        ),
+        (b"name: x\njobs: [{name: a, image: i, audio: a, colour: red}]\n", "colour"),
+        (b"{not yaml: [", "cannot be read as yaml"),
+    ],
+)
+def test_bad_manifests(data: bytes, message: str) -> None:
+    with pytest.raises(ManifestError, match=message):
+        parse_manifest(data, source="m.yaml")
+
+
+def test_unknown_format() -> None:
+    with pytest.raises(ManifestError, match=".yaml, .json or .csv"):
+        parse_manifest(b"x", source="m.txt")

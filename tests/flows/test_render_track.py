@@ -1,0 +1,158 @@
+"""render_track and submit_batch end to end on PostgreSQL, SeaweedFS S3 and Prefect."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.engine import make_engine, session_factory
+from db.events import job_events
+from db.models import Batch, Event, Job, JobStatus, SegmentStatus
+from emo import media
+from emo.manifest import ManifestError
+from emo.store.checkpoint import read_segment_checkpoint
+from flows.context import LeaseHeld
+from flows.render_track import render_track
+from flows.submit_batch import submit_batch
+from tests.flows.conftest import Studio, manifest
+
+
+def _session(studio: Studio):
+    return session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))()
+
+
+def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
+    from prefect.client.orchestration import get_client
+
+    result = submit_batch(
+        manifest=str(manifest(tmp_path / "one.yaml", studio, ["solo"])),
+        output_dir=str(tmp_path / "out"),
+    )
+    job_id = result["jobs"]["solo"]
+    assert result["dispatched"] == {job_id: "succeeded"}
+
+    video = tmp_path / "out" / "solo.mp4"
+    info = media.probe(video)
+    assert info.video_frames == math.ceil(studio.seconds * 25)
+    assert info.first("audio") is not None
+    sidecar = json.loads((tmp_path / "out" / "solo.json").read_text())
+    assert sidecar["weights_sha256"] and sidecar["params"]["seed"] == sidecar["seed"]
+    assert len(sidecar["segments"]) == 3 and sidecar["segments_rendered_this_run"] == 3
+
+    with _session(studio) as session:
+        job = session.get(Job, job_id)
+        assert job.status is JobStatus.SUCCEEDED and job.attempt == 1
+        assert job.output_uri == f"{studio.store.url}/jobs/{job_id}/final.mp4"
+        assert job.qc is not None and "seam_jitter" in job.qc
+        segments = job.segments
+        assert [s.status for s in segments] == [SegmentStatus.DONE] * 3
+        kinds = [e.kind for e in job_events(session=session, job_id=job_id)]
+        statuses = [
+            (e.from_status, e.to_status)
+            for e in job_events(session=session, job_id=job_id)
+            if e.kind == "job.status"
+        ]
+    assert statuses == [("queued", "running"), ("running", "succeeded")]
+    assert kinds.count("segment.done") == 3 and "job.planned" in kinds and "lease.released" in kinds
+    for segment in segments:
+        checkpoint = read_segment_checkpoint(studio.store, job_id=job_id, index=segment.index)
+        assert checkpoint is not None and checkpoint.manifest_sha256 == segment.manifest_sha256
+    assert studio.store.exists(f"jobs/{job_id}/qc.json")
+    assert studio.store.exists(f"jobs/{job_id}/sidecar.json")
+
+    with get_client(sync_client=True) as client:
+        artifacts = client.read_artifacts()
+    keys = {a.key for a in artifacts}
+    assert {
+        f"job-{job_id[:12]}-qc",
+        f"job-{job_id[:12]}-video",
+        f"batch-{result['batch_id'][:12]}",
+    } <= keys
+
+
+def test_same_manifest_twice_is_one_batch(studio: Studio, tmp_path: Path) -> None:
+    path = manifest(tmp_path / "twice.yaml", studio, ["a", "b"])
+    first = submit_batch(manifest=str(path), render=False)
+    second = submit_batch(manifest=str(path), render=False)
+    assert first["batch_id"] == second["batch_id"] and second["created"] is False
+    with _session(studio) as session:
+        assert len(list(session.scalars(select(Batch)))) == 1
+        assert len(list(session.scalars(select(Job)))) == 2
+
+
+def test_bad_jobs_are_all_reported_and_nothing_registered(studio: Studio, tmp_path: Path) -> None:
+    import yaml
+
+    text = tmp_path / "notes.wav"
+    text.write_text("not audio")
+    jobs = [
+        {
+            "name": "fine",
+            "image": str(studio.portrait),
+            "audio": str(studio.vocal),
+            "face_box": [0.2, 0.2, 0.8, 0.8],
+        },
+        {"name": "missing", "image": str(tmp_path / "nope.png"), "audio": str(studio.vocal)},
+        {
+            "name": "text-audio",
+            "image": str(studio.portrait),
+            "audio": str(text),
+            "face_policy": "full_frame",
+        },
+        {
+            "name": "no-face",
+            "image": str(studio.vocal.with_name("blank.png")),
+            "audio": str(studio.vocal),
+        },
+    ]
+    from PIL import Image
+
+    Image.new("RGB", (64, 64), (20, 20, 20)).save(studio.vocal.with_name("blank.png"))
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump({"name": "bad", "jobs": jobs}))
+    with pytest.raises(ManifestError) as caught:
+        submit_batch(manifest=str(path))
+    text_error = str(caught.value)
+    assert len(caught.value.problems) == 3, text_error
+    assert "'missing'" in text_error and "does not exist" in text_error
+    assert "'text-audio'" in text_error and "notes.wav" in text_error
+    assert "'no-face'" in text_error and "no face found" in text_error
+    with _session(studio) as session:
+        assert list(session.scalars(select(Batch))) == []
+    assert list(studio.store.list("jobs/")) == []
+
+
+def test_two_renders_of_one_job_only_one_renders(studio: Studio, tmp_path: Path) -> None:
+    result = submit_batch(
+        manifest=str(manifest(tmp_path / "race.yaml", studio, ["race"], steps=12)), render=False
+    )
+    job_id = result["jobs"]["race"]
+    outcome: dict[str, object] = {}
+
+    def first() -> None:
+        outcome["first"] = render_track(job_id=job_id)
+
+    thread = threading.Thread(target=first)
+    thread.start()
+    deadline = time.monotonic() + 120
+    with _session(studio) as session:
+        while time.monotonic() < deadline:  # wait until the first render holds the lease
+            session.expire_all()
+            if session.scalar(
+                select(Event).where(Event.job_id == job_id, Event.kind == "lease.acquired")
+            ):
+                break
+            time.sleep(0.2)
+    with pytest.raises(LeaseHeld, match=r"being rendered by .*:\d+:"):
+        render_track(job_id=job_id)
+    thread.join(timeout=300)
+    assert outcome["first"]["status"] == "succeeded"
+    with _session(studio) as session:
+        events = job_events(session=session, job_id=job_id)
+        assert sum(1 for e in events if e.kind == "segment.done") == 3  # rendered once
