@@ -14,9 +14,10 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e '.[test]'
 	touch $(STAMP)
 
+# The main job: the sample portrait and vocal track through the real render flow (embedded
+# defaults: SQLite, a local store and an ephemeral Prefect server under EMO_HOME).
 demo: $(STAMP)
-	@echo "make demo: the render flow has not landed yet (issue 4, 'Production flows'); nothing to render." >&2
-	@exit 1
+	$(BIN)/emo demo -o out/demo.mp4
 
 # PostgreSQL is a machine service here; start it if it has stopped (no-op elsewhere).
 services:
@@ -34,6 +35,8 @@ test: $(STAMP) services lint
 bench: $(STAMP) services
 	$(BIN)/python bench/assembly.py
 	$(BIN)/python bench/claims.py
+	$(BIN)/python bench/model.py
+	$(BIN)/python bench/orchestration.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

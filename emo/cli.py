@@ -20,7 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from emo.cli_jobs import register as register_job_commands
-from emo.errors import EmoError, SettingsError
+from emo.errors import EmoError
 from emo.settings import get_settings
 
 app = typer.Typer(
@@ -141,17 +141,16 @@ def weights_init(
 
 @weights_app.command("info")
 def weights_info(
-    bundle: Annotated[Path | None, typer.Argument(help="bundle; default EMO_WEIGHTS")] = None,
+    bundle: Annotated[
+        Path | None, typer.Argument(help="bundle; default the weights renders use")
+    ] = None,
 ) -> None:
     """Print a bundle's configuration, parameter counts per component and content hash."""
     from emo.bundle import load_bundle
+    from emo.render import resolve_weights
 
-    path = bundle or get_settings().weights
-    if path is None:
-        raise SettingsError(
-            "no weights bundle given and EMO_WEIGHTS is not set (the bundled "
-            "demo model arrives with issue 7)"
-        )
+    # The weights a render would use: EMO_WEIGHTS (local or s3://, cached), else the default.
+    path = bundle or resolve_weights(get_settings())
     components, info = load_bundle(path)
     config = info.config
     typer.echo(f"bundle        {info.path}")

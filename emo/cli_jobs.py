@@ -103,12 +103,8 @@ def _num(value: float | None) -> str:
     return "n/a" if value is None else f"{value:.2f}"
 
 
-def _num(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.2f}"
-
-
 def _report(result: dict[str, Any]) -> None:
-
+    """Where the video, its sidecar, QC and the Prefect run are: what a user looks for next."""
     qc = result.get("qc") or {}
     console.print(f"[green]done[/]: {result.get('output') or result.get('output_uri')}")
     if result.get("output"):

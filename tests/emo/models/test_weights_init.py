@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -135,6 +136,15 @@ def test_cli_init_and_info(sources: dict[str, Path], tmp_path: Path) -> None:
     assert "sha256" in info.stdout and "total" in info.stdout
     env_info = run_emo("weights", "info", env={"EMO_WEIGHTS": str(bundle)})
     assert env_info.stdout == info.stdout
+
+
+def test_weights_info_without_a_bundle_names_the_default(tmp_path: Path) -> None:
+    """With EMO_WEIGHTS unset, info describes the weights a render would use."""
+    result = run_emo("weights", "info")
+    assert result.returncode == 0, result.stderr
+    home = Path(os.environ["EMO_HOME"])
+    assert f"bundle        {home / 'weights'}" in result.stdout
+    assert "configuration tiny" in result.stdout and "untrained" in result.stdout
 
 
 def test_bad_sources_give_clear_errors(sources: dict[str, Path], tmp_path: Path) -> None:
