@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 from sqlalchemy import select
 
 from db.engine import make_engine, session_factory
@@ -156,3 +157,37 @@ def test_two_renders_of_one_job_only_one_renders(studio: Studio, tmp_path: Path)
     with _session(studio) as session:
         events = job_events(session=session, job_id=job_id)
         assert sum(1 for e in events if e.kind == "segment.done") == 3  # rendered once
+
+
+def test_mov_and_png_outputs(studio: Studio, tmp_path: Path) -> None:
+    """ProRes 422 HQ with PCM audio, and a folder of numbered PNG frames, same frames."""
+    import numpy as np
+    from PIL import Image
+
+    path = tmp_path / "formats.yaml"
+    manifest(path, studio, ["master"], format="mov", steps=3, seed=11)
+    document = yaml.safe_load(path.read_text())
+    document["jobs"].append({**document["jobs"][0], "name": "frames", "format": "png"})
+    path.write_text(yaml.safe_dump(document))
+    result = submit_batch(manifest=str(path), output_dir=str(tmp_path / "out"))
+    assert set(result["dispatched"].values()) == {"succeeded"}
+
+    frames = math.ceil(studio.seconds * 25)
+    mov = media.probe(tmp_path / "out" / "master.mov")
+    assert mov.first("video").codec == "prores" and mov.video_frames == frames
+    assert mov.first("audio").codec.startswith("pcm_s16")
+    pngs = sorted((tmp_path / "out" / "frames").glob("frame_*.png"))
+    assert [p.name for p in pngs[:2]] == ["frame_000001.png", "frame_000002.png"]
+    assert len(pngs) == frames
+    # Same seed and inputs: the PNG frames are the mov's frames, in order (both are made from
+    # the same H.264 assembly; chroma resampling differs, so compare against other frames).
+    size = Image.open(pngs[0]).size
+    decoded = np.concatenate(list(media.iter_frames(tmp_path / "out" / "master.mov", *size)))
+    assert len(decoded) == frames
+
+    def distance(png: Path, index: int) -> float:
+        image = np.asarray(Image.open(png).convert("RGB"), dtype=np.float32)
+        return float(np.abs(decoded[index].astype(np.float32) - image).mean())
+
+    for i, j in ((0, frames - 1), (frames - 1, 0), (frames // 2, 0)):
+        assert distance(pngs[i], i) < distance(pngs[i], j) / 2
