@@ -26,7 +26,7 @@ from emo import progress
 from emo.errors import EmoError, NotFound, SettingsError
 from emo.settings import get_settings
 
-console = Console()
+console = Console(soft_wrap=True)  # paths and URLs stay on one line, copyable
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -119,10 +119,15 @@ def _report(result: dict[str, Any]) -> None:
         )
         for warning in qc.get("warnings", []):
             console.print(f"[yellow]QC warning[/]: {warning}")
+    if result.get("qc_uri"):
+        console.print(f"QC report: {result['qc_uri']}")
     console.print(f"job {result['job_id']}: `emo status {result['job_id']}`")
+    run = f"runs/flow-run/{result.get('flow_run_id')}"
     api = os.environ.get("PREFECT_API_URL")
-    where = api.removesuffix("/api") if api else "ephemeral server (`emo serve` shows a UI)"
-    console.print(f"Prefect: {where}")
+    if api:
+        console.print(f"Prefect run: {api.removesuffix('/api')}/{run}")
+    else:  # the ephemeral server keeps its runs under EMO_HOME; `emo serve` shows them
+        console.print(f"Prefect run: `emo serve`, then http://127.0.0.1:4200/{run}")
 
 
 def render(

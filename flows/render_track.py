@@ -434,6 +434,7 @@ def _render_job(
             for c in checkpoints
         ],
         "segments_rendered_this_run": rendered,
+        "prefect_flow_run": str(flow_run.id) if flow_run.id else None,
         "qc": qc,
         "software": software_versions(),
         "timings": {"run_seconds": time.perf_counter() - started},
@@ -470,6 +471,8 @@ def _render_job(
     return {
         "job_id": job_id,
         "status": JobStatus.SUCCEEDED.value,
+        "flow_run_id": sidecar["prefect_flow_run"],
+        "qc_uri": svc.store.uri(f"jobs/{job_id}/qc.json"),
         "output_uri": output_uri,
         "output": str(target) if target else None,
         "qc": qc,

@@ -1,0 +1,32 @@
+"""The main job: `emo demo` (what `make demo` runs) on the embedded defaults."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from emo import media
+from tests.conftest import run_emo
+
+DEMO_SECONDS = 10.0  # emo/assets/demo_vocal.wav
+
+
+def test_demo_renders_the_sample_and_says_where_everything_is(tmp_path: Path) -> None:
+    output = tmp_path / "out" / "demo.mp4"
+    result = run_emo("demo", "-o", str(output), timeout=600)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "untrained tiny bundle" in result.stdout  # until the demo model ships (issue 7)
+
+    info = media.probe(output)
+    assert info.video_frames == math.ceil(DEMO_SECONDS * 25)
+    assert info.first("audio") is not None
+    sidecar = json.loads(output.with_suffix(".json").read_text())
+    assert sidecar["model_config"] == "tiny" and sidecar["prefect_flow_run"]
+
+    lines = result.stdout.splitlines()
+    assert any(line.startswith(f"done: {output}") for line in lines)
+    assert any(line.startswith("QC: seam jitter") for line in lines)
+    qc_line = next(line for line in lines if line.startswith("QC report: file://"))
+    assert json.loads(Path(qc_line.removeprefix("QC report: file://")).read_text())["seam_jitter"]
+    assert f"runs/flow-run/{sidecar['prefect_flow_run']}" in result.stdout
