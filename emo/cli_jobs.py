@@ -285,6 +285,8 @@ def resume(
 
     if (job is None) == (not failed):
         raise SettingsError("give a job id, or --failed (not both)")
+    if failed and output is not None:
+        raise SettingsError("-o/--output names one file; it cannot be used with --failed")
     with services().sessions() as session:
         if failed:
             ids = list(
@@ -307,7 +309,7 @@ def resume(
                     job_id=job_id, output=str(output.absolute()) if output else None
                 )
             _report(result)
-        except EmoError as error:
+        except Exception as error:  # noqa: BLE001 (one job's failure must not stop the rest)
             errors += 1
             console.print(f"[red]job {job_id}[/]: {error}")
     if errors:

@@ -110,6 +110,7 @@ class JobLease:
         self.svc, self.job_id = svc, job_id
         self.owner = owner or lease_owner()
         self.lost = threading.Event()
+        self.lost_reason = f"lease of job {job_id} is lost to another render"
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -166,8 +167,9 @@ class JobLease:
                         owner=self.owner,
                         ttl_seconds=self.svc.settings.lease_seconds,
                     )
-            except JobStateError:
-                log.error("lease of job %s lost; stopping after this step", self.job_id)
+            except JobStateError as error:
+                log.error("%s; stopping after this step", error)
+                self.lost_reason = str(error)
                 self.lost.set()
                 return
             except Exception as error:  # noqa: BLE001 (database blip: retry next beat)
@@ -176,7 +178,23 @@ class JobLease:
     def check(self) -> None:
         """Raise if the lease was lost (another render took the job over)."""
         if self.lost.is_set():
-            raise LeaseHeld(f"job {self.job_id}: lease lost to another render")
+            raise LeaseHeld(self.lost_reason)
+
+    def verify(self) -> None:
+        """Raise ``LeaseHeld`` unless the database still names this render as the owner.
+
+        Called before every change a holder makes (segment rows, the final state), so a
+        render that lost its lease while the database was unreachable stops instead of
+        overwriting the state of the render that took the job over.
+        """
+        self.check()
+        with self.svc.sessions() as session:
+            holder = current_lease(session=session, job_id=self.job_id)
+        if holder is None or holder.owner != self.owner:
+            name = repr(holder.owner) if holder else "nobody"
+            self.lost_reason = f"lease of job {self.job_id} is lost: held by {name}"
+            self.lost.set()
+            raise LeaseHeld(self.lost_reason)
 
     def __exit__(
         self,
@@ -187,5 +205,11 @@ class JobLease:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=10)
-        with self.svc.sessions() as session:
-            release_lease(session=session, job_id=self.job_id, owner=self.owner)
+        try:
+            with self.svc.sessions() as session:
+                release_lease(session=session, job_id=self.job_id, owner=self.owner)
+        except Exception as failure:
+            if error is None:
+                raise
+            # Never mask the render's own exception; the lease expires by itself.
+            log.warning("releasing the lease of job %s failed: %s", self.job_id, failure)

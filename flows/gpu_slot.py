@@ -19,6 +19,8 @@ from uuid import UUID
 import httpx
 from prefect.client.orchestration import get_client
 
+from emo.errors import EmoError
+
 log = logging.getLogger(__name__)
 
 GPU_LIMIT = "emo-gpu"
@@ -38,6 +40,10 @@ def release_gpu_slot(slot_id: str) -> None:
         client.release_concurrency_slots_with_lease(UUID(slot_id))
 
 
+class GpuSlotLost(EmoError):
+    """The slot's lease expired while the render still ran."""
+
+
 class GpuSlot:
     """Context manager: wait for a GPU slot, renew its lease while held, release it at exit."""
 
@@ -51,6 +57,7 @@ class GpuSlot:
         self.lease_seconds = max(MIN_LEASE_SECONDS, lease_seconds)
         self.on_acquired, self.waiting = on_acquired, waiting
         self.slot_id: str | None = None
+        self.lost = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -81,7 +88,11 @@ class GpuSlot:
                 time.sleep(pause)
         self.slot_id = slot_id
         if self.on_acquired is not None:
-            self.on_acquired(slot_id)
+            try:
+                self.on_acquired(slot_id)
+            except BaseException:
+                release_gpu_slot(slot_id)
+                raise
         self._thread = threading.Thread(target=self._renew, daemon=True, name="gpu-slot")
         self._thread.start()
         return self
@@ -92,8 +103,23 @@ class GpuSlot:
             while not self._stop.wait(self.lease_seconds / 3):
                 try:
                     client.renew_concurrency_lease(UUID(self.slot_id), self.lease_seconds)
+                except httpx.HTTPStatusError as error:
+                    if error.response.status_code in (404, 410):  # expired: the slot is gone
+                        log.error("GPU slot %s expired before it was renewed", self.slot_id)
+                        self.lost.set()
+                        return
+                    log.warning("renewing GPU slot %s failed: %s", self.slot_id, error)
                 except Exception as error:  # noqa: BLE001 (a blip: the next renewal retries)
                     log.warning("renewing GPU slot %s failed: %s", self.slot_id, error)
+
+    def check(self) -> None:
+        """Raise if the slot expired (the Prefect API was unreachable for a whole lease):
+        another render may have been given this GPU, so this one must stop."""
+        if self.lost.is_set():
+            raise GpuSlotLost(
+                f"GPU slot {self.slot_id} expired while the Prefect API was unreachable; "
+                "resume the job to continue from its last checkpoint"
+            )
 
     def __exit__(
         self,

@@ -8,6 +8,7 @@ are requeued and rendered. A report artifact lists what happened.
 
 from __future__ import annotations
 
+import logging
 from datetime import UTC, datetime
 from typing import Any
 
@@ -24,23 +25,43 @@ from flows.submit_batch import dispatch, submit_batch
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json", ".csv")
 ACTOR = "nightly"
+log = logging.getLogger(__name__)
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def claim_inbox(svc: Services, inbox: str) -> list[tuple[str, str]]:
-    """Move every manifest out of the inbox; returns (processed key, original base URI)."""
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+def list_inbox(svc: Services, inbox: str) -> list[str]:
+    """Keys of the manifests waiting directly under the inbox prefix."""
     inbox = inbox.strip("/") + "/"
-    claimed = []
-    for info in list(svc.store.list(inbox)):
-        relative = info.key[len(inbox) :]
-        if "/" in relative or not relative.lower().endswith(MANIFEST_SUFFIXES):
-            continue  # inputs next to manifests stay where the manifests point
-        target = f"processed/{stamp}/{relative}"
-        svc.store.put_bytes(target, svc.store.get_bytes(info.key))
-        svc.store.delete(info.key)
-        claimed.append((target, svc.store.uri(inbox.rstrip("/"))))
-    return claimed
+    return [
+        info.key
+        for info in svc.store.list(inbox)
+        if "/" not in info.key[len(inbox) :] and info.key.lower().endswith(MANIFEST_SUFFIXES)
+    ]
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
+def claim_manifest(svc: Services, key: str, target: str) -> bool:
+    """Move one manifest to ``target`` (copy, then delete); False if another run took it.
+
+    Safe to retry: a manifest already copied but not yet deleted is finished, not copied
+    again; one that is gone from the inbox and from ``target`` belongs to another run.
+    """
+    if not svc.store.exists(key):
+        return False
+    if not svc.store.exists(target):
+        svc.store.put_bytes(target, svc.store.get_bytes(key))
+    svc.store.delete(key)
+    return True
+
+
+def _return_to_inbox(svc: Services, key: str, source: str) -> None:
+    """Put a claimed manifest back where it came from (best effort; logged if impossible)."""
+    try:
+        if svc.store.exists(key):
+            svc.store.put_bytes(source, svc.store.get_bytes(key))
+            svc.store.delete(key)
+    except Exception as error:  # noqa: BLE001 (the store itself is down: say where it is)
+        log.error("manifest stays at %s (could not return it to %s): %s", key, source, error)
 
 
 @task(cache_policy=NO_CACHE)
@@ -64,14 +85,23 @@ def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
     """Submit new manifests from the inbox, then retry failed jobs; publish a report."""
     svc = services()
     report: dict[str, Any] = {"submitted": [], "rejected": [], "retried": {}}
-    for key, base in claim_inbox(svc, inbox):
-        try:
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    base = svc.store.uri(inbox.strip("/"))  # relative inputs resolve against the inbox
+    for source in list_inbox(svc, inbox):
+        key = f"processed/{stamp}/{source.rsplit('/', 1)[-1]}"
+        try:  # one manifest at a time: claimed, then submitted, whatever the others do
+            if not claim_manifest(svc, source, key):
+                continue
             result = submit_batch(manifest=svc.store.uri(key), base=base)
             report["submitted"].append(
                 {"manifest": key, "batch": result["name"], "created": result["created"]}
             )
         except EmoError as error:
             report["rejected"].append({"manifest": key, "error": str(error)})
+        except Exception as error:  # noqa: BLE001 (a service failure: retry it next night)
+            log.error("nightly: manifest %s failed, back to the inbox: %s", source, error)
+            _return_to_inbox(svc, key, source)
+            report["rejected"].append({"manifest": source, "error": f"will retry: {error}"})
     if retry_failed:
         report["retried"] = dispatch(svc, "nightly-retry", requeue_failed(svc), None)
     lines = [

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 import time
 from dataclasses import dataclass
@@ -52,7 +53,7 @@ from emo.store.checkpoint import (
     read_segment_checkpoint,
     write_segment_checkpoint,
 )
-from flows.context import JobLease, Services, services
+from flows.context import JobLease, LeaseHeld, Services, services
 from flows.gpu_slot import GpuSlot, ensure_gpu_limit
 from flows.versions import software_versions
 
@@ -154,6 +155,7 @@ def load_model(svc: Services) -> EMOPipeline:
 @task(cache_policy=NO_CACHE)
 def render_segment_task(
     svc: Services,
+    lease: JobLease,
     job_id: str,
     pipeline: EMOPipeline,
     inputs: JobInputs,
@@ -196,6 +198,7 @@ def render_segment_task(
             "render_seconds": seconds,
         },
     )
+    lease.verify()  # a render that lost the job must not record segments for it
     with svc.sessions() as session:
         record_segment_done(
             session=session,
@@ -231,6 +234,37 @@ def _render(
         motion_state=motion,
         callback=progress.reporter(plan.total_clips),
     )
+
+
+def _check_reusable(
+    checkpoint: SegmentCheckpoint,
+    previous: SegmentCheckpoint | None,
+    weights_sha256: str | None,
+    params: JobParams,
+) -> None:
+    """Refuse to splice in a checkpoint made by other weights, parameters or history.
+
+    Checkpoints are never rewritten, so a job whose weights or resolved parameters changed
+    between attempts cannot be resumed; it must be submitted again as a new job.
+    """
+    found = checkpoint.manifest
+    expected_previous = previous.manifest_sha256 if previous else None
+    problems = []
+    if found.get("weights_sha256") != weights_sha256:
+        problems.append(
+            f"weights {str(found.get('weights_sha256'))[:12]} (now {str(weights_sha256)[:12]})"
+        )
+    if found.get("params") != json.loads(json.dumps(params.to_dict())):  # as stored (JSON)
+        problems.append("different parameters (settings defaults changed?)")
+    if found.get("previous_manifest_sha256") != expected_previous:
+        problems.append("a different previous segment")
+    if problems:
+        raise EmoError(
+            f"segment {checkpoint.index} of job {checkpoint.job_id} was rendered with "
+            + "; ".join(problems)
+            + ": its checkpoint cannot continue this render; submit the job again under a "
+            "new name (checkpoints are never rewritten)"
+        )
 
 
 def _repair_row(svc: Services, job_id: str, checkpoint: SegmentCheckpoint) -> None:
@@ -303,8 +337,7 @@ def _publish_output(final: Path, output: Path, sidecar: dict[str, Any]) -> Path:
 
     if final.suffix == ".zip":  # PNG frames: unpack into the output directory
         target = output if output.suffix == "" else output.with_suffix("")
-        shutil.rmtree(target, ignore_errors=True)
-        shutil.unpack_archive(final, target)
+        _replace_frame_folder(final, target)
     else:
         target = output
         atomic_copy(final, target)
@@ -313,6 +346,32 @@ def _publish_output(final: Path, output: Path, sidecar: dict[str, Any]) -> Path:
         json.dumps(sidecar, indent=2, sort_keys=True).encode(),
     )
     return target
+
+
+def _replace_frame_folder(archive: Path, target: Path) -> None:
+    """Unpack PNG frames next to ``target``, then swap them in; never delete a user's files.
+
+    ``target`` may be missing, empty, or a frame folder this command wrote before
+    (``frame_*.png`` only); anything else in it is refused with a clear error.
+    """
+    if target.exists():
+        foreign = [p.name for p in target.iterdir() if not p.name.startswith("frame_")]
+        if not target.is_dir() or foreign:
+            raise EmoError(
+                f"output {str(target)!r} exists and is not a frame folder from emo "
+                f"(holds {', '.join(sorted(foreign)[:3]) or 'a file'}); choose a new folder"
+            )
+    staging = target.with_name(f".{target.name}.partial")
+    shutil.rmtree(staging, ignore_errors=True)
+    shutil.unpack_archive(archive, staging)
+    if target.exists():
+        old = target.with_name(f".{target.name}.old")
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(target, old)
+        os.replace(staging, target)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, target)
 
 
 def _check_cancelled(svc: Services, job_id: str) -> None:
@@ -337,17 +396,26 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
             log.warning("job %s cancelled; verified segments are kept", job_id)
             return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
         except BaseException as error:
-            reason = str(error) or type(error).__name__
-            with svc.sessions() as session:
-                if get_job(session=session, job_id=job_id).status is JobStatus.RUNNING:
-                    transition_job(
-                        session=session,
-                        job_id=job_id,
-                        to=JobStatus.FAILED,
-                        actor=lease.owner,
-                        reason=reason[:2000],
-                    )
+            _mark_failed(svc, lease, job_id, error)
             raise
+
+
+def _mark_failed(svc: Services, lease: JobLease, job_id: str, error: BaseException) -> None:
+    """Record the failure, unless the job now belongs to another render (lease lost)."""
+    try:
+        lease.verify()
+    except LeaseHeld:
+        log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
+        return
+    with svc.sessions() as session:
+        if get_job(session=session, job_id=job_id).status is JobStatus.RUNNING:
+            transition_job(
+                session=session,
+                job_id=job_id,
+                to=JobStatus.FAILED,
+                actor=lease.owner,
+                reason=(str(error) or type(error).__name__)[:2000],
+            )
 
 
 def _render_job(
@@ -360,6 +428,41 @@ def _render_job(
     output: str | None,
     started: float,
 ) -> dict[str, Any]:
+    # One GPU slot for the whole job, taken before the model is loaded onto the device: the
+    # render holds its device from first to last segment (acquiring per segment cost about a
+    # second each on the Prefect API).
+    slot = GpuSlot(
+        lease_seconds=svc.settings.lease_seconds,
+        on_acquired=lease.record_gpu_slot,
+        waiting=lease.check,
+    )
+    with slot:
+        work = _render_segments(svc, lease, slot, job_id, f"{batch_name}/{name}", options)
+    return _finish(svc, lease, work, name, batch_name, output, started)
+
+
+@dataclass
+class RenderedSegments:
+    """A job whose segments all have verified checkpoints, ready to assemble."""
+
+    job_id: str
+    pipeline: EMOPipeline
+    params: JobParams
+    inputs: JobInputs
+    plan: SegmentPlan
+    checkpoints: list[SegmentCheckpoint]
+    rendered: int  # segments rendered by this run (the rest were resumed)
+
+
+def _render_segments(
+    svc: Services,
+    lease: JobLease,
+    slot: GpuSlot,
+    job_id: str,
+    title: str,
+    options: dict[str, Any],
+) -> RenderedSegments:
+    """Load the model and inputs, then render (or resume) every segment in order."""
     pipeline = load_model(svc)
     config = pipeline.config
     params = resolve_params(
@@ -371,47 +474,65 @@ def _render_job(
     )
     inputs = load_inputs(svc, job_id, params, config.resolution)
     plan = plan_job(svc, job_id, inputs.audio, params)
-    key = f"job-{job_id[:12]}"
     progress_id = create_progress_artifact(
-        progress=0.0, key=f"{key}-progress", description=f"{batch_name}/{name}: segments done"
+        progress=0.0, key=f"job-{job_id[:12]}-progress", description=f"{title}: segments done"
     )
     checkpoints: list[SegmentCheckpoint] = []
     rendered = 0
-    # One GPU slot for the whole job: the render holds its device from first to last
-    # segment (acquiring per segment cost about a second each on the Prefect API).
-    slot = GpuSlot(
-        lease_seconds=svc.settings.lease_seconds,
-        on_acquired=lease.record_gpu_slot,
-        waiting=lease.check,
-    )
-    with slot:
-        for segment in plan.segments:
-            lease.check()
-            _check_cancelled(svc, job_id)
-            checkpoint = read_segment_checkpoint(svc.store, job_id=job_id, index=segment.index)
-            if checkpoint is not None:
-                _repair_row(svc, job_id, checkpoint)
-            else:
-                label = (
-                    f"segment {segment.index:03d} "
-                    f"[{segment.start_seconds:.1f}-{segment.end_seconds:.1f} s]"
-                )
-                checkpoint = render_segment_task.with_options(name=label)(
-                    svc,
-                    job_id,
-                    pipeline,
-                    inputs,
-                    plan,
-                    segment,
-                    params,
-                    checkpoints[-1] if checkpoints else None,
-                )
-                rendered += 1
-            checkpoints.append(checkpoint)
-            progress.segment_done(segment.index, len(plan.segments))
-            update_progress_artifact(
-                progress_id, progress=100.0 * len(checkpoints) / len(plan.segments)
+    weights_sha256 = pipeline.bundle.sha256 if pipeline.bundle else None
+    for segment in plan.segments:
+        lease.verify()
+        slot.check()
+        _check_cancelled(svc, job_id)
+        checkpoint = read_segment_checkpoint(svc.store, job_id=job_id, index=segment.index)
+        if checkpoint is not None:
+            previous = checkpoints[-1] if checkpoints else None
+            _check_reusable(checkpoint, previous, weights_sha256, params)
+            _repair_row(svc, job_id, checkpoint)
+        else:
+            label = (
+                f"segment {segment.index:03d} "
+                f"[{segment.start_seconds:.1f}-{segment.end_seconds:.1f} s]"
             )
+            checkpoint = render_segment_task.with_options(name=label)(
+                svc,
+                lease,
+                job_id,
+                pipeline,
+                inputs,
+                plan,
+                segment,
+                params,
+                checkpoints[-1] if checkpoints else None,
+            )
+            rendered += 1
+        checkpoints.append(checkpoint)
+        progress.segment_done(segment.index, len(plan.segments))
+        update_progress_artifact(
+            progress_id, progress=100.0 * len(checkpoints) / len(plan.segments)
+        )
+    return RenderedSegments(job_id, pipeline, params, inputs, plan, checkpoints, rendered)
+
+
+def _finish(
+    svc: Services,
+    lease: JobLease,
+    work: RenderedSegments,
+    name: str,
+    batch_name: str,
+    output: str | None,
+    started: float,
+) -> dict[str, Any]:
+    """Assemble, QC, sidecar, outputs and artifacts; then mark the job succeeded."""
+    job_id, pipeline, params, inputs, plan = (
+        work.job_id,
+        work.pipeline,
+        work.params,
+        work.inputs,
+        work.plan,
+    )
+    checkpoints, rendered, config = work.checkpoints, work.rendered, work.pipeline.config
+    key = f"job-{job_id[:12]}"
     final, final_key = assemble(svc, job_id, checkpoints, inputs, params)
     qc = quality(svc, final, inputs, plan)
     sidecar = {
@@ -456,6 +577,7 @@ def _render_job(
         link_text=f"{name}{final.suffix}",
         description=f"final video of {batch_name}/{name}",
     )
+    lease.verify()  # only the lease holder may finish the job
     with svc.sessions() as session:
         record_result(
             session=session, job_id=job_id, output_uri=output_uri, qc=qc, actor=lease.owner

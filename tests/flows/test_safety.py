@@ -1,0 +1,158 @@
+"""What a failing or displaced render must never do: clobber another render's job state,
+splice in checkpoints from other weights, delete a user's files, or lose an inbox manifest."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import threading
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+
+from db.engine import make_engine, session_factory
+from db.events import job_events
+from db.leases import acquire_lease
+from db.models import Job, JobStatus, Segment, SegmentStatus, utcnow
+from emo.errors import EmoError
+from emo.render import JobParams
+from emo.store import LocalStore
+from emo.store.checkpoint import SegmentCheckpoint
+from flows.context import LeaseHeld
+from flows.nightly import claim_manifest
+from flows.render_track import _check_reusable, _replace_frame_folder, render_track
+from flows.submit_batch import submit_batch
+from tests.flows.conftest import Studio, manifest
+
+
+def test_render_that_lost_its_lease_leaves_the_job_to_the_new_holder(
+    studio: Studio, tmp_path: Path
+) -> None:
+    result = submit_batch(
+        manifest=str(manifest(tmp_path / "lost.yaml", studio, ["lost"], steps=6)), render=False
+    )
+    job_id = result["jobs"]["lost"]
+    sessions = session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))
+
+    def usurp() -> None:
+        """After segment 0, another worker takes the job over as if the lease had expired."""
+        deadline = time.monotonic() + 120
+        with sessions() as session:
+            while time.monotonic() < deadline:
+                done = session.scalar(
+                    select(Segment).where(
+                        Segment.job_id == job_id, Segment.status == SegmentStatus.DONE
+                    )
+                )
+                if done is not None:
+                    break
+                session.expire_all()
+                time.sleep(0.05)
+            later = utcnow() + timedelta(hours=1)  # the old lease has long expired by then
+            assert acquire_lease(
+                session=session,
+                job_id=job_id,
+                owner="other-host:1:usurper",
+                ttl_seconds=7200,
+                now=later,
+            )
+
+    thread = threading.Thread(target=usurp)
+    thread.start()
+    with pytest.raises(LeaseHeld, match="usurper"):
+        render_track(job_id=job_id)
+    thread.join()
+    with sessions() as session:
+        job = session.get(Job, job_id)
+        assert job.status is JobStatus.RUNNING  # the new holder's to finish, not failed
+        done = [s.index for s in job.segments if s.status is SegmentStatus.DONE]
+        kinds = [e.kind for e in job_events(session=session, job_id=job_id)]
+    assert done in ([0], [0, 1])  # at most the segment in flight when the lease went
+    assert "lease.taken_over" in kinds
+
+
+def _checkpoint(index: int, manifest: dict) -> SegmentCheckpoint:
+    return SegmentCheckpoint(
+        job_id="job",
+        index=index,
+        prefix=f"p/{index}/",
+        manifest=manifest,
+        manifest_sha256=f"m{index}",
+    )
+
+
+def test_checkpoints_from_other_weights_params_or_history_are_refused() -> None:
+    params = JobParams(
+        seed=1,
+        steps=4,
+        guidance=2.0,
+        scheduler="ddim",
+        speed=0.0,
+        segment_seconds=1.0,
+        face_box=(0.1, 0.1, 0.9, 0.9),  # a tuple: stored as a JSON list
+        face_policy="error",
+        format="mp4",
+    )
+    stored = json.loads(json.dumps(params.to_dict()))  # as a manifest holds them
+    good = {"weights_sha256": "w1", "params": stored, "previous_manifest_sha256": None}
+    first = _checkpoint(0, good)
+    _check_reusable(first, None, "w1", params)  # same weights, params and history: reused
+    second = _checkpoint(1, {**good, "previous_manifest_sha256": "m0"})
+    _check_reusable(second, first, "w1", params)
+    with pytest.raises(EmoError, match="segment 0 .* weights w1 .now w2"):
+        _check_reusable(first, None, "w2", params)
+    other = JobParams(**{**params.__dict__, "steps": 8})
+    with pytest.raises(EmoError, match="different parameters"):
+        _check_reusable(first, None, "w1", other)
+    with pytest.raises(EmoError, match="different previous segment"):
+        _check_reusable(
+            _checkpoint(1, {**good, "previous_manifest_sha256": "x"}), first, "w1", params
+        )
+
+
+def test_png_output_never_deletes_a_users_folder(tmp_path: Path) -> None:
+    frames = tmp_path / "frames"
+    frames.mkdir()
+    (frames / "frame_000001.png").write_bytes(b"new")
+    archive = Path(shutil.make_archive(str(tmp_path / "final"), "zip", frames))
+
+    deliveries = tmp_path / "deliveries"
+    deliveries.mkdir()
+    (deliveries / "contract.pdf").write_bytes(b"keep me")
+    with pytest.raises(EmoError, match="not a frame folder from emo .*contract.pdf"):
+        _replace_frame_folder(archive, deliveries)
+    assert (deliveries / "contract.pdf").read_bytes() == b"keep me"
+
+    earlier = tmp_path / "earlier"
+    earlier.mkdir()
+    (earlier / "frame_000001.png").write_bytes(b"old")
+    (earlier / "frame_000002.png").write_bytes(b"old")
+    _replace_frame_folder(archive, earlier)  # a folder this command wrote: replaced whole
+    assert sorted(p.name for p in earlier.iterdir()) == ["frame_000001.png"]
+    assert (earlier / "frame_000001.png").read_bytes() == b"new"
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_claiming_an_inbox_manifest_is_safe_to_retry(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "store")
+    store.put_bytes("inbox/a.yaml", b"name: a")
+    assert claim_manifest.fn(store_services(store), "inbox/a.yaml", "processed/1/a.yaml")
+    assert store.get_bytes("processed/1/a.yaml") == b"name: a"
+    # Crash after the copy, before the delete: the retry finishes the move.
+    store.put_bytes("inbox/b.yaml", b"name: b")
+    store.put_bytes("processed/1/b.yaml", b"name: b")
+    assert claim_manifest.fn(store_services(store), "inbox/b.yaml", "processed/1/b.yaml")
+    assert not store.exists("inbox/b.yaml")
+    # Gone from the inbox (another run took it): nothing to do.
+    assert not claim_manifest.fn(store_services(store), "inbox/a.yaml", "processed/2/a.yaml")
+    assert not store.exists("processed/2/a.yaml")
+
+
+def store_services(store: LocalStore):
+    """The slice of Services that claim_manifest uses: the store."""
+    from types import SimpleNamespace
+
+    return SimpleNamespace(store=store)
