@@ -20,6 +20,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from emo.cli_jobs import register as register_job_commands
+from emo.cli_training import register as register_training_commands
 from emo.errors import EmoError
 from emo.settings import get_settings
 
@@ -215,6 +216,7 @@ def main() -> None:
 
 
 register_job_commands(app)
+register_training_commands(app)
 
 if __name__ == "__main__":
     main()
