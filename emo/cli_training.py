@@ -1,4 +1,4 @@
-"""``emo synth``: the commands that make training data (prepare, train and eval follow)."""
+"""``emo synth`` and ``emo prepare``: the commands that make training data."""
 
 from __future__ import annotations
 
@@ -62,6 +62,47 @@ def synth(
     console.print(f"{len(paths)} videos with labels in {output} (index: corpus-{split}.json)")
 
 
+def prepare(
+    videos: Annotated[Path, typer.Argument(help="directory of talking-head videos with audio")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="dataset directory")],
+    resolution: Annotated[int, typer.Option(help="training frame size (square)")] = 64,
+    workers: Annotated[int, typer.Option(help="parallel processes")] = 2,
+) -> None:
+    """Turn videos into a training dataset: frames, face boxes, head pose and speed, audio."""
+    from rich.table import Table
+
+    from emo.settings import get_settings
+    from emo.training.prepare import PrepareOptions, prepare_dataset
+
+    if not videos.is_dir():
+        raise SettingsError(f"videos directory {str(videos)!r} does not exist")
+    if resolution < 16 or resolution % 8:
+        raise SettingsError(f"--resolution must be a multiple of 8, at least 16, not {resolution}")
+    settings = get_settings()
+    options = PrepareOptions(resolution, fps=settings.fps, sample_rate=settings.sample_rate)
+    with _bar() as bar:
+        task = bar.add_task("prepare", total=1)
+        index, rows = prepare_dataset(
+            videos,
+            output,
+            options,
+            workers=workers,
+            progress=lambda done, total: bar.update(task, completed=done, total=total),
+        )
+    skipped = [r for r in rows if r["status"] == "skipped"]
+    if skipped:
+        table = Table("skipped video", "reason")
+        for row in skipped:
+            table.add_row(Path(row["video"]).name, row["reason"])
+        console.print(table)
+    console.print(
+        f"{len(index['shards'])} videos, {index['frames']} frames in {output} "
+        f"({len(skipped)} skipped; report.json lists all); speed buckets "
+        f"{index['speed_centers']}"
+    )
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
     app.command()(synth)
+    app.command()(prepare)

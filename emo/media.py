@@ -315,12 +315,14 @@ def concat_videos(
     return output
 
 
-def iter_frames(path: Path | str, width: int, height: int, chunk: int = 64):
-    """Decode a video's frames as (N, height, width, 3) uint8 chunks, streaming."""
+def iter_frames(path: Path | str, width: int, height: int, chunk: int = 64, fps: int | None = None):
+    """Decode a video's frames as (N, height, width, 3) uint8 chunks, streaming; with
+    ``fps``, resampled to that constant rate (frames dropped or repeated by timestamp)."""
     path = require_file(path, "video")
+    rate = {"r": fps, "fps_mode": "cfr"} if fps else {}
     args = (
         ffmpeg.input(str(path))
-        .output("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}")
+        .output("pipe:", format="rawvideo", pix_fmt="rgb24", s=f"{width}x{height}", **rate)
         .global_args("-hide_banner", "-nostdin", "-nostats", "-loglevel", "error")
         .compile(cmd=ffmpeg_exe())
     )

@@ -27,8 +27,9 @@ import soundfile
 
 from emo import media
 from emo.errors import EmoError
+from emo.pose import rotation_matrices, rotation_speed
 from emo.synthetic.face import Expression, Identity, draw_face, sample_identity
-from emo.synthetic.motion import head_motion, rotation_matrices, rotation_speed
+from emo.synthetic.motion import head_motion
 from emo.synthetic.voice import VoiceTrack, synthesize_voice
 
 LABELS_VERSION = 1

@@ -16,7 +16,7 @@ from dataclasses import asdict, dataclass
 import numpy as np
 from PIL import Image, ImageDraw
 
-from emo.synthetic.motion import rotation_matrices
+from emo.pose import rotation_matrices
 
 MOUTH_INTERIOR = (70, 12, 28)
 PUPIL = (12, 12, 16)

@@ -11,8 +11,9 @@ import pytest
 
 from emo import media
 from emo.eval.mouth import mouth_openings
+from emo.pose import rotation_matrices, rotation_speed
 from emo.synthetic.corpus import VideoSpec, identity_for, make_corpus, render_video, voice_for
-from emo.synthetic.motion import head_motion, rotation_matrices, rotation_speed
+from emo.synthetic.motion import head_motion
 from tests.conftest import run_emo
 
 
