@@ -1,4 +1,4 @@
-"""``emo synth`` and ``emo prepare``: the commands that make training data."""
+"""``emo synth``, ``emo prepare`` and ``emo train``: making training data and models."""
 
 from __future__ import annotations
 
@@ -102,7 +102,59 @@ def prepare(
     )
 
 
+def train(
+    stage: Annotated[int, typer.Option(help="1 image, 2 video + audio, 3 speed")],
+    data: Annotated[Path, typer.Option(help="dataset made by emo prepare")],
+    init: Annotated[Path, typer.Option(help="bundle to start from")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="bundle to write")],
+    config: Annotated[Path | None, typer.Option(help="training recipe (YAML)")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="override one setting: key=value")
+    ] = None,
+    run_dir: Annotated[
+        Path | None, typer.Option(help="checkpoints and logs; default runs/<output name>")
+    ] = None,
+) -> None:
+    """Train one of EMO's three stages; rerun the same command to resume after a stop."""
+    from emo.settings import get_settings
+    from emo.training.config import load_train_config
+    from emo.training.trainer import train_stage
+
+    if stage not in (1, 2, 3):
+        raise SettingsError(f"--stage must be 1, 2 or 3, not {stage}")
+    overrides = {}
+    for item in set_ or []:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SettingsError(f"--set {item!r}: write key=value")
+        overrides[key.strip()] = value.strip()
+    recipe = load_train_config(config, overrides)
+    settings = get_settings()
+    run = run_dir or Path("runs") / output.name
+
+    def show(record: dict) -> None:
+        console.print(
+            f"stage {record['stage']} step {record['step']}/{recipe.steps}: "
+            f"loss {record['loss']:.4f}, lr {record['lr']:.2e}, "
+            f"{record['samples_per_second']:.2f} samples/s"
+        )
+
+    bundle = train_stage(
+        stage=stage,
+        data=data,
+        init=init,
+        output=output,
+        train=recipe,
+        run_dir=run,
+        fps=settings.fps,
+        sample_rate=settings.sample_rate,
+        on_log=show,
+    )
+    console.print(f"stage {stage} done: bundle {bundle.path} (sha256 {bundle.sha256[:16]})")
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
     app.command()(synth)
     app.command()(prepare)
+    app.command()(train)

@@ -267,7 +267,10 @@ class EMOPipeline:
         self.check_inputs(image, audio, clips, motion_state, steps)
 
         # 1. Reference: VAE + ReferenceNet once per call.
-        reference = parts.reference_net(self.encode_reference(image)).tokens
+        reference_latents = self.encode_reference(image)  # (1, C, h, w)
+        reference = parts.reference_net(reference_latents).tokens
+        # Residual models denoise (frame - reference); their clips are offset back below.
+        offset = reference_latents[0].float() if cfg.residual_to_reference else None
         # 2. Face region -> Face Locator features added to every noisy latent.
         if face_mask is not None:
             mask = torch.from_numpy(np.asarray(face_mask, dtype=np.float32))
@@ -293,6 +296,8 @@ class EMOPipeline:
                 scheduler_name=scheduler,
                 callback=callback,
             )
+            if offset is not None:
+                latents = latents + offset  # (F, C, h, w) + (C, h, w)
             motion = latents[-cfg.motion_frames :].float().cpu() if cfg.motion_frames else None
             frames.append(self.decode(latents))
         state = MotionState(

@@ -24,12 +24,22 @@ def clip_audio(
     audio: np.ndarray, *, clip: int, clip_frames: int, spf: int, window: int, context: int
 ) -> np.ndarray:
     """Samples of frames [clip*f - window - context, (clip+1)*f + window + context), zero-padded."""
-    start = (clip * clip_frames - window - context) * spf
-    length = (clip_frames + 2 * (window + context)) * spf
+    return frames_audio(
+        audio, start=clip * clip_frames, frames=clip_frames, spf=spf, window=window, context=context
+    )
+
+
+def frames_audio(
+    audio: np.ndarray, *, start: int, frames: int, spf: int, window: int, context: int
+) -> np.ndarray:
+    """Samples of frames [start - window - context, start + frames + window + context), as
+    ``clip_audio`` cuts them for a clip, for any first frame (training windows)."""
+    first = (start - window - context) * spf
+    length = (frames + 2 * (window + context)) * spf
     out = np.zeros(length, dtype=np.float32)
-    lo, hi = max(start, 0), min(start + length, audio.shape[0])
+    lo, hi = max(first, 0), min(first + length, audio.shape[0])
     if hi > lo:
-        out[lo - start : hi - start] = audio[lo:hi]
+        out[lo - first : hi - first] = audio[lo:hi]
     return out
 
 

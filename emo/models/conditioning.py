@@ -27,6 +27,7 @@ class Conditioning:
     motion: dict[str, torch.Tensor] | None  # motion-module name -> (Bm * n, C, H, W)
     motion_frames: int  # n
     speed: torch.Tensor | None  # (B, F, K, speed_dim) speed tokens, K = 2m + 1
+    temporal: bool = True  # False: temporal modules pass through (stage-1 image training)
 
 
 class ConditioningSlot:

@@ -83,6 +83,9 @@ class EMOConfig:
     face_locator_channels: tuple[int, ...] = (16, 32, 96, 256)
     steps: int = 40
     guidance_scale: float = 3.5
+    # The Backbone denoises the residual (frame latents - reference latents) instead of the
+    # frame latents: small models then spend no capacity on re-drawing the identity.
+    residual_to_reference: bool = False
     unet: dict[str, Any] = field(default_factory=lambda: dict(SD15_UNET))
     motion: dict[str, Any] = field(default_factory=lambda: dict(ANIMATEDIFF_V2))
     vae: dict[str, Any] = field(default_factory=lambda: dict(SD15_VAE))

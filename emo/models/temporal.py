@@ -76,6 +76,8 @@ class TemporalModule(nn.Module):
     ) -> torch.Tensor:
         """(B*F, C, H, W) -> (B*F, C, H, W); signature of the module it wraps."""
         conditioning = self.slot.value
+        if conditioning is not None and not conditioning.temporal:
+            return hidden_states
         n = conditioning.motion_frames if conditioning else 0
         if n:
             x = rearrange(hidden_states, "(b f) c h w -> b f c h w", f=num_frames)

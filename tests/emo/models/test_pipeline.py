@@ -122,3 +122,18 @@ def test_bad_calls_are_refused(pipeline: EMOPipeline, portrait, vocal) -> None:
 def test_other_schedulers_run(pipeline: EMOPipeline, portrait, vocal, scheduler: str) -> None:
     frames = pipeline(portrait, vocal, clips=range(0, 1), scheduler=scheduler, **RUN).frames
     assert frames.shape == (F, 64, 64, 3)
+
+
+def test_residual_models_add_the_reference_back(
+    tiny_components, pipeline: EMOPipeline, portrait, vocal
+) -> None:
+    """A model trained on (frame - reference) latents is sampled in that space, then offset."""
+    from dataclasses import replace
+
+    residual = EMOPipeline(
+        tiny_components, replace(TINY, residual_to_reference=True), TINY.scheduler
+    )
+    plain = pipeline(portrait, vocal, clips=range(0, 1), **RUN).motion_state.latents
+    shifted = residual(portrait, vocal, clips=range(0, 1), **RUN).motion_state.latents
+    offset = pipeline.encode_reference(portrait)[0]  # (C, h, w)
+    assert torch.allclose(shifted, plain + offset, atol=1e-5)
