@@ -37,6 +37,7 @@ bench: $(STAMP) services
 	$(BIN)/python bench/claims.py
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/orchestration.py
+	$(BIN)/python bench/train.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -1,4 +1,4 @@
-"""``emo synth``, ``emo prepare`` and ``emo train``: making training data and models."""
+"""``emo synth``, ``emo prepare``, ``emo train`` and ``emo eval``: making and measuring models."""
 
 from __future__ import annotations
 
@@ -153,8 +153,64 @@ def train(
     console.print(f"stage {stage} done: bundle {bundle.path} (sha256 {bundle.sha256[:16]})")
 
 
+def evaluate(
+    bundle: Annotated[
+        Path | None, typer.Argument(help="bundle; default the configured weights")
+    ] = None,
+    heldout: Annotated[int, typer.Option(help="held-out people (and tracks) to render")] = 4,
+    seconds: Annotated[float, typer.Option(help="length of each held-out track")] = 6.0,
+    steps: Annotated[int | None, typer.Option(help="denoising steps; default the model's")] = None,
+    seed: Annotated[int, typer.Option(help="held-out corpus seed")] = 0,
+    as_json: Annotated[bool, typer.Option("--json", help="machine-readable report")] = False,
+    report: Annotated[Path | None, typer.Option(help="also write the JSON report here")] = None,
+) -> None:
+    """Render held-out synthetic people and score lip sync, identity, speed and seams."""
+    import json
+
+    from rich.table import Table
+
+    from emo.eval.evaluate import BARS
+    from emo.eval.evaluate import evaluate as run_evaluation
+    from emo.pipeline import EMOPipeline
+    from emo.render import device_and_dtype, resolve_weights
+    from emo.settings import get_settings
+
+    if heldout < 1 or seconds < 1.0:
+        raise SettingsError("--heldout must be at least 1 and --seconds at least 1")
+    settings = get_settings()
+    path = bundle or resolve_weights(settings)
+    device, dtype = device_and_dtype(settings)
+    pipeline = EMOPipeline.from_bundle(
+        path, device=device, dtype=dtype, fps=settings.fps, sample_rate=settings.sample_rate
+    )
+    quiet = Console(stderr=True, soft_wrap=True)
+    result = run_evaluation(
+        pipeline,
+        heldout=heldout,
+        seconds=seconds,
+        seed=seed,
+        steps=steps,
+        progress=None if as_json else lambda text: quiet.print(f"rendering {text}"),
+    )
+    result["bundle"] = {"path": str(path), "sha256": pipeline.bundle.sha256}
+    text = json.dumps(result, indent=2)
+    if report is not None:
+        report.write_text(text)
+    if as_json:
+        typer.echo(text)
+        return
+    table = Table("measure", "value", "bar")
+    for key in ("lip_sync_r", "av_offset_frames", "identity", "seam_jitter"):
+        value = result[key]
+        table.add_row(key, "n/a" if value is None else f"{value:.3f}", BARS[key])
+    speeds = " < ".join(f"{result[f'speed_{k}']:.2f}" for k in ("low", "mid", "high"))
+    table.add_row("speed low < mid < high", speeds, BARS["speed"])
+    console.print(table)
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
     app.command()(synth)
     app.command()(prepare)
     app.command()(train)
+    app.command("eval")(evaluate)

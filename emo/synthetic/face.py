@@ -6,7 +6,8 @@ orthographically, so turning, nodding and tilting foreshorten and hide features 
 does. Frames are drawn at twice the size and box-filtered down for smooth edges.
 
 Some colours are fixed for every identity because evaluation measures them in generated
-frames: the mouth interior (``MOUTH_INTERIOR``) and the pupils (``PUPIL``).
+frames: the mouth interior (``MOUTH_INTERIOR``), the eye whites (``SCLERA``) and the pupils
+(``PUPIL``).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from emo.pose import rotation_matrices
 
 MOUTH_INTERIOR = (70, 12, 28)
 PUPIL = (12, 12, 16)
+SCLERA = (245, 245, 240)
 HAIR_STYLES = ("short", "long", "bald", "bun")
 SUPERSAMPLE = 2
 
@@ -159,7 +161,7 @@ def _eye(draw: ImageDraw.ImageDraw, proj: _Projector, identity: Identity, side: 
     polygon, visible = proj.project(proj.surface(x, y, 0.01))
     if not visible:
         return
-    draw.polygon(polygon, fill=(245, 245, 240))
+    draw.polygon(polygon, fill=SCLERA)
     if open_ > 0.3:
         for radius, colour in ((0.5 * r, identity.iris), (0.24 * r, PUPIL)):
             x, y = _ellipse(cx, cy, radius, radius * min(1.0, open_))

@@ -163,7 +163,7 @@ def _rebuild_speed_encoder(components: EMOComponents, config: EMOConfig) -> None
         dim=config.speed_dim,
     )
     new.load_state_dict(old.state_dict())
-    components.speed_encoder = new.to(old.device, old.dtype)
+    components.speed_encoder = new.to(device=old.device)  # float32, as built
 
 
 def _run_identity(stage: int, data: Path, init: BundleInfo, train: TrainConfig) -> dict:
