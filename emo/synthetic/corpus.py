@@ -18,7 +18,6 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import soundfile
 
 from emo import media
 from emo.errors import EmoError
+from emo.parallel import parallel_map
 from emo.pose import rotation_matrices, rotation_speed
 from emo.synthetic.face import Expression, Identity, draw_face, sample_identity
 from emo.synthetic.motion import head_motion
@@ -196,10 +196,8 @@ def make_corpus(
     done = len(specs) - len(todo)
     if progress:
         progress(done, len(specs))
-    if todo:
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            for _ in pool.map(write_video, todo, [directory] * len(todo)):
-                done += 1
-                if progress:
-                    progress(done, len(specs))
+    for _ in parallel_map(write_video, todo, directory, workers=workers):
+        done += 1
+        if progress:
+            progress(done, len(specs))
     return [directory / f"{s.name}.mp4" for s in specs]

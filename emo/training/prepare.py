@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Callable
-from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from PIL import Image
 
 from emo import media
 from emo.errors import EmoError, MediaError
+from emo.parallel import parallel_map
 from emo.pose import rotation_matrices, rotation_speed
 from emo.training.labels import detect_labels, read_sidecar
 
@@ -222,14 +222,10 @@ def prepare_dataset(
     ]
     if progress:
         progress(len(rows), len(found))
-    if todo:
-        with ProcessPoolExecutor(max_workers=max(1, workers)) as pool:
-            for row in pool.map(
-                _prepare_or_skip, todo, [shards] * len(todo), [options] * len(todo)
-            ):
-                rows.append(row)
-                if progress:
-                    progress(len(rows), len(found))
+    for row in parallel_map(_prepare_or_skip, todo, shards, options, workers=workers):
+        rows.append(row)
+        if progress:
+            progress(len(rows), len(found))
     dataset.mkdir(parents=True, exist_ok=True)
     rows.sort(key=lambda r: r["video"])
     report_path.write_text(json.dumps(rows, indent=2))
