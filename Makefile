@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench services clean
+.PHONY: demo test lint bench services clean demo-model
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -41,3 +41,22 @@ bench: $(STAMP) services
 
 clean:
 	rm -rf $(VENV) .pytest_cache
+
+# The demo model, end to end (recipes/demo.yaml; see the README's "Demo model" section).
+# Every step resumes: synth and prepare skip finished videos, train continues from its run
+# directory, and finished stages are not redone. Run state lives in runs/ (not committed).
+DEMO_RUN := runs/demo-model
+demo-model: $(STAMP)
+	$(BIN)/emo synth -o $(DEMO_RUN)/corpus --videos 300 --seconds 8 --size 64 --seed 0
+	$(BIN)/emo prepare $(DEMO_RUN)/corpus -o $(DEMO_RUN)/data --resolution 64
+	test -f $(DEMO_RUN)/init/emo.json || $(BIN)/emo weights new --config demo -o $(DEMO_RUN)/init
+	test -f $(DEMO_RUN)/stage1/emo.json || $(BIN)/emo train --stage 1 --config recipes/demo.yaml \
+	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/init -o $(DEMO_RUN)/stage1 --run-dir $(DEMO_RUN)/run1
+	test -f $(DEMO_RUN)/stage2/emo.json || $(BIN)/emo train --stage 2 --config recipes/demo.yaml \
+	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage1 -o $(DEMO_RUN)/stage2 --run-dir $(DEMO_RUN)/run2
+	test -f $(DEMO_RUN)/stage3/emo.json || $(BIN)/emo train --stage 3 --config recipes/demo.yaml \
+	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage2 -o $(DEMO_RUN)/stage3 --run-dir $(DEMO_RUN)/run3
+	$(BIN)/emo eval $(DEMO_RUN)/stage3 --heldout 8 --report $(DEMO_RUN)/eval.json
+	rm -rf emo/weights/demo
+	$(BIN)/emo weights export $(DEMO_RUN)/stage3 -o emo/weights/demo --recipe recipes/demo.yaml \
+	  --eval $(DEMO_RUN)/eval.json

@@ -27,7 +27,7 @@ from transformers import Wav2Vec2Model
 from emo.errors import SettingsError
 from emo.models.audio import AudioProjection
 from emo.models.backbone import Backbone
-from emo.models.components import EMOComponents
+from emo.models.components import EMOComponents, vae_class
 from emo.models.config import EMOConfig
 from emo.models.face_locator import FaceLocator
 from emo.models.reference_net import ReferenceNet
@@ -162,9 +162,10 @@ def load_bundle(
     info = read_bundle_info(path)
     if verify:
         verify_bundle(info)
+    classes = {**COMPONENT_CLASSES, "vae": vae_class(info.config)}
     modules = {
         name: cls.from_pretrained(info.path / name, torch_dtype=dtype)
-        for name, cls in COMPONENT_CLASSES.items()
+        for name, cls in classes.items()
     }
     components = EMOComponents(**modules).to(device, dtype).eval()
     return components, info

@@ -140,6 +140,61 @@ def weights_init(
     typer.echo(f"wrote {info.path} (configuration {info.config.name}, sha256 {info.sha256})")
 
 
+@weights_app.command("new")
+def weights_new(
+    output: Annotated[Path, typer.Option("-o", "--output", help="new bundle directory")],
+    config: Annotated[str, typer.Option(help="model configuration: demo, tiny or full")] = "demo",
+    seed: Annotated[int, typer.Option(help="initialisation seed")] = 0,
+) -> None:
+    """A bundle of freshly initialised networks (for training from scratch, as the demo model
+    is: no pretrained weights exist for its size)."""
+    from emo.bundle import save_bundle
+    from emo.models.components import build_components
+    from emo.models.config import get_config
+
+    base = get_config(config)
+    info = save_bundle(
+        build_components(base, seed=seed),
+        base,
+        output,
+        meta={"made_by": "emo weights new", "seed": seed},
+    )
+    typer.echo(f"wrote {info.path} (configuration {base.name}, sha256 {info.sha256})")
+
+
+@weights_app.command("export")
+def weights_export(
+    bundle: Annotated[Path, typer.Argument(help="trained bundle")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="new bundle directory")],
+    half: Annotated[bool, typer.Option(help="store float16 weights (half the size)")] = True,
+    recipe: Annotated[Path | None, typer.Option(help="the training recipe, recorded")] = None,
+    evaluation: Annotated[
+        Path | None, typer.Option("--eval", help="emo eval --report JSON, recorded")
+    ] = None,
+) -> None:
+    """Copy a bundle for shipping: optionally float16, with its recipe and evaluation."""
+    import torch
+
+    from emo.bundle import load_bundle, save_bundle, scheduler_config
+
+    components, info = load_bundle(bundle)
+    meta = dict(info.meta)
+    if recipe is not None:
+        meta["recipe"] = {"file": recipe.name, "text": recipe.read_text()}
+    if evaluation is not None:
+        report = json.loads(evaluation.read_text())
+        meta["evaluation"] = {k: v for k, v in report.items() if k != "per_video"}
+    exported = save_bundle(
+        components,
+        info.config,
+        output,
+        scheduler_config=scheduler_config(info),
+        meta=meta,
+        dtype=torch.float16 if half else None,
+    )
+    typer.echo(f"wrote {exported.path} (sha256 {exported.sha256})")
+
+
 @weights_app.command("info")
 def weights_info(
     bundle: Annotated[

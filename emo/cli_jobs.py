@@ -388,7 +388,9 @@ def demo(
 ) -> None:
     """Render the bundled sample portrait and vocal track with the bundled weights."""
     settings = get_settings()
-    if settings.weights is None:
+    from emo.render import SHIPPED_DEMO
+
+    if settings.weights is None and not (SHIPPED_DEMO / "emo.json").is_file():
         console.print(
             "[yellow]note[/]: no trained demo model ships yet (issue 'Demo model'); "
             "rendering with an untrained tiny bundle, so the video shows noise."

@@ -128,7 +128,7 @@ def train(
         if not sep:
             raise SettingsError(f"--set {item!r}: write key=value")
         overrides[key.strip()] = value.strip()
-    recipe = load_train_config(config, overrides)
+    recipe = load_train_config(config, overrides, stage)
     settings = get_settings()
     run = run_dir or Path("runs") / output.name
 

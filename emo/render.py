@@ -28,6 +28,7 @@ from emo.settings import Settings
 from emo.store import open_store
 
 UNTRAINED = "tiny-untrained"
+SHIPPED_DEMO = Path(__file__).resolve().parent / "weights" / "demo"  # make demo-model
 # Seconds per 12-frame clip at 40 steps, for estimates: full from the FLOP count on one H100 at
 # 40% of peak (bench/model.py), tiny as measured on a 2-core CPU.
 SECONDS_PER_CLIP = {"full": 3.4, "tiny": 1.8}
@@ -146,9 +147,10 @@ def estimate_seconds(clips: int, steps: int, config_name: str) -> float:
 
 
 def resolve_weights(settings: Settings) -> Path:
-    """The local bundle to use: EMO_WEIGHTS (a path, or an s3:// prefix cached by hash), or
-    the untrained tiny bundle generated under EMO_HOME until the demo model ships."""
-    from emo.bundle import read_bundle_info, save_bundle
+    """The local bundle to use: EMO_WEIGHTS (a path, or an s3:// prefix cached by hash), else
+    the shipped demo model, else (before one is trained) an untrained tiny bundle generated
+    under EMO_HOME."""
+    from emo.bundle import BUNDLE_FILE, read_bundle_info, save_bundle
 
     configured = str(settings.weights) if settings.weights else None
     if configured and configured.startswith("s3:/"):
@@ -161,6 +163,8 @@ def resolve_weights(settings: Settings) -> Path:
     if configured:
         read_bundle_info(configured)  # a clear error if it is not a bundle
         return Path(configured)
+    if (SHIPPED_DEMO / BUNDLE_FILE).is_file():
+        return SHIPPED_DEMO
     path = settings.home / "weights" / UNTRAINED
     if not path.exists():
         from emo.models.components import build_components

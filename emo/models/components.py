@@ -15,6 +15,7 @@ from emo.models.audio import AudioProjection
 from emo.models.backbone import Backbone
 from emo.models.config import EMOConfig
 from emo.models.face_locator import FaceLocator
+from emo.models.pixel_vae import PixelShuffleVAE
 from emo.models.reference_net import ReferenceNet
 from emo.models.speed import SpeedEncoder
 
@@ -28,7 +29,7 @@ class EMOComponents:
     face_locator: FaceLocator
     audio_projection: AudioProjection
     speed_encoder: SpeedEncoder
-    vae: AutoencoderKL
+    vae: AutoencoderKL | PixelShuffleVAE
     wav2vec2: Wav2Vec2Model
 
     def modules(self) -> dict[str, nn.Module]:
@@ -83,6 +84,16 @@ def new_emo_layers(config: EMOConfig) -> dict[str, nn.Module]:
     }
 
 
+def vae_class(config: EMOConfig) -> type[nn.Module]:
+    """AutoencoderKL, or the fixed pixel unshuffle of the ``demo`` configuration."""
+    return PixelShuffleVAE if config.pixel_shuffle else AutoencoderKL
+
+
+def vae_settings(config: EMOConfig) -> dict[str, Any]:
+    """The VAE's own constructor settings (the config's ``kind`` key is ours)."""
+    return {k: v for k, v in config.vae.items() if k != "kind"}
+
+
 def build_components(config: EMOConfig, seed: int = 0) -> EMOComponents:
     """Every network of ``config`` with random weights (seeded)."""
     torch.manual_seed(seed)
@@ -91,7 +102,7 @@ def build_components(config: EMOConfig, seed: int = 0) -> EMOComponents:
             unet_config=motion_unet_config(config.unet, config.motion), speed_dim=config.speed_dim
         ),
         reference_net=ReferenceNet(unet_config=config.unet),
-        vae=AutoencoderKL.from_config(config.vae),
+        vae=vae_class(config).from_config(vae_settings(config)),
         wav2vec2=Wav2Vec2Model(Wav2Vec2Config(**config.wav2vec2)),
         **new_emo_layers(config),  # type: ignore[arg-type]
     ).eval()

@@ -93,8 +93,15 @@ class EMOConfig:
     scheduler: dict[str, Any] = field(default_factory=lambda: dict(SD15_SCHEDULER))
 
     @property
+    def pixel_shuffle(self) -> bool:
+        """True when the 'VAE' is the fixed pixel unshuffle (``demo``), not AutoencoderKL."""
+        return self.vae.get("kind") == "pixel_shuffle"
+
+    @property
     def vae_scale(self) -> int:
-        """Pixels per latent cell (8 for SD's VAE)."""
+        """Pixels per latent cell (8 for SD's VAE, the factor of a pixel unshuffle)."""
+        if self.pixel_shuffle:
+            return int(self.vae["factor"])
         return 2 ** (len(self.vae["block_out_channels"]) - 1)
 
     @property
@@ -176,7 +183,55 @@ TINY = EMOConfig(
     },
 )
 
-CONFIGS = {config.name: config for config in (FULL, TINY)}
+# The shipped demo model: EMO's networks and code paths at 64x64 on a fixed pixel unshuffle
+# (16x16x48 "latents"), sized so that stages 1-3 train in CPU-hours (issue "Demo model").
+DEMO = EMOConfig(
+    name="demo",
+    resolution=64,
+    audio_layers=(0, 1),  # no pretrained wav2vec2 here: the shallow features carry loudness
+    audio_context_seconds=0.5,
+    speed_dim=64,
+    face_locator_channels=(16, 32, 48),  # two halvings: 64 -> 16
+    steps=20,
+    guidance_scale=1.5,
+    unet={
+        "sample_size": 16,
+        "in_channels": 48,
+        "out_channels": 48,
+        "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
+        "block_out_channels": [64, 128, 128],
+        "layers_per_block": 1,
+        "cross_attention_dim": 64,
+        "attention_head_dim": 8,
+        "norm_num_groups": 16,
+    },
+    motion={
+        "block_out_channels": [64, 128, 128],
+        "motion_layers_per_block": 1,
+        "motion_num_attention_heads": 4,
+        "motion_norm_num_groups": 16,
+        "motion_max_seq_length": 32,
+        "use_motion_mid_block": True,
+    },
+    vae={"kind": "pixel_shuffle", "factor": 4, "latent_channels": 48, "scaling_factor": 1.0},
+    wav2vec2={
+        "hidden_size": 64,
+        "num_hidden_layers": 2,
+        "num_attention_heads": 2,
+        "intermediate_size": 128,
+        "conv_dim": [32] * 7,
+        "num_conv_pos_embeddings": 16,
+        "num_conv_pos_embedding_groups": 2,
+    },
+    scheduler={
+        **SD15_SCHEDULER,
+        "timestep_spacing": "trailing",  # few steps (10-20) reach the clean end
+        "prediction_type": "sample",
+    },
+)
+
+CONFIGS = {config.name: config for config in (FULL, TINY, DEMO)}
 
 
 def get_config(name: str) -> EMOConfig:

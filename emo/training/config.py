@@ -62,8 +62,11 @@ def _coerce(name: str, value: Any) -> Any:
     return value
 
 
-def load_train_config(path: Path | None, overrides: dict[str, Any]) -> TrainConfig:
-    """The recipe file's values (if any), then ``overrides``; unknown keys are refused."""
+def load_train_config(
+    path: Path | None, overrides: dict[str, Any], stage: int | None = None
+) -> TrainConfig:
+    """The recipe's ``train`` keys, then its ``stage<N>`` keys, then ``overrides``; unknown
+    keys are refused. A recipe without sections is read as one ``train`` section."""
     values: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
@@ -71,7 +74,18 @@ def load_train_config(path: Path | None, overrides: dict[str, Any]) -> TrainConf
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
             raise SettingsError(f"training config {str(path)!r} must be a mapping of keys")
-        values.update(loaded.get("train", loaded))
+        sections = {"train", "stage1", "stage2", "stage3"}
+        if set(loaded) & sections:
+            stray = sorted(set(loaded) - sections)
+            if stray:
+                raise SettingsError(
+                    f"training config {str(path)!r}: unknown section(s) {', '.join(stray)}; "
+                    "use train, stage1, stage2, stage3"
+                )
+            values.update(loaded.get("train") or {})
+            values.update(loaded.get(f"stage{stage}") or {})
+        else:
+            values.update(loaded)
     values.update(overrides)
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
