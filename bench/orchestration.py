@@ -121,6 +121,13 @@ def main() -> None:
         prefect_test_harness(server_startup_timeout=120),
     ):
         root = Path(scratch)
+        from emo.bundle import save_bundle
+        from emo.models.components import build_components
+        from emo.models.config import TINY
+
+        # The tiny model, whatever demo model the package ships: this measures orchestration.
+        save_bundle(build_components(TINY, seed=0), TINY, root / "tiny")
+        os.environ["EMO_WEIGHTS"] = str(root / "tiny")
         (root / "embedded").mkdir()
         run(
             "embedded", {"EMO_HOME": str(root / "embedded" / "home")}, root / "embedded", args.steps

@@ -18,6 +18,23 @@ from tests.services import WeedServer
 ASSETS = Path(__file__).resolve().parents[2] / "emo" / "assets"
 
 
+_TINY_WEIGHTS: list[Path] = []
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An untrained tiny bundle for every flow test: they test orchestration, so they must
+    not depend on (or wait for) whichever demo model the package ships."""
+    from emo.bundle import save_bundle
+    from emo.models.components import build_components
+    from emo.models.config import TINY
+
+    path = tmp_path_factory.mktemp("weights") / "tiny"
+    save_bundle(build_components(TINY, seed=0), TINY, path)
+    _TINY_WEIGHTS[:] = [path]
+    return path
+
+
 @pytest.fixture(scope="session")
 def prefect_server() -> Iterator[str]:
     """One Prefect test server for the session (about 20 s to start)."""
@@ -72,6 +89,7 @@ def make_studio(
         "EMO_S3_SECRET_KEY": weed.secret_key,
         "EMO_S3_SECURE": "false",
         "EMO_SEGMENT_SECONDS": "1.0",
+        "EMO_WEIGHTS": str(_TINY_WEIGHTS[0]),
         "EMO_LEASE_SECONDS": "6",
     }
     for name, value in env.items():
