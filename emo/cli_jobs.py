@@ -386,7 +386,8 @@ def serve(
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output")] = Path("out/demo.mp4"),
 ) -> None:
-    """Render the bundled sample portrait and vocal track with the bundled weights."""
+    """Render the sample portrait (a held-out synthetic person) and vocal track (speech, then
+    a sung phrase) with the bundled weights."""
     settings = get_settings()
     from emo.render import SHIPPED_DEMO
 
@@ -395,6 +396,7 @@ def demo(
             "[yellow]note[/]: no trained demo model ships yet (issue 'Demo model'); "
             "rendering with an untrained tiny bundle, so the video shows noise."
         )
+    box = json.loads((ASSETS / "demo_portrait.json").read_text())["face_box"]
     render(
         image=ASSETS / "demo_portrait.png",
         audio=ASSETS / "demo_vocal.wav",
@@ -406,7 +408,7 @@ def demo(
         segment_seconds=4.0,
         format="mp4",
         scheduler=None,
-        face_box="0.2,0.15,0.8,0.85",
+        face_box=",".join(str(v) for v in box),  # drawn by the generator (make_demo_assets)
         face_policy=None,
         weights=None,
     )
