@@ -21,6 +21,11 @@ Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1]
 FULL_FRAME: Box = (0.0, 0.0, 1.0, 1.0)
 
 
+# The Face Locator's mask is the face box grown by this factor, in training and in renders,
+# so the head may move inside it.
+FACE_EXPAND = 1.5
+
+
 class FacePolicy(StrEnum):
     """What to do when no face is found."""
 
@@ -85,10 +90,11 @@ def face_region(
     image_name: str = "reference image",
     manual_box: Sequence[float] | None = None,
     policy: FacePolicy | str = FacePolicy.ERROR,
-    expand: float = 1.5,
+    expand: float | None = None,
 ) -> FaceRegion:
     """Where the face is (or may move to) in the reference image, per the studio's policy."""
     policy = FacePolicy(policy)
+    expand = FACE_EXPAND if expand is None else expand
     if manual_box is not None:
         return FaceRegion(box=expand_box(check_box(manual_box), expand), source="manual")
     found = detect_face(image)

@@ -173,6 +173,11 @@ class EMOPipeline:
     def _scheduler(self, name: str, steps: int) -> SchedulerMixin:
         if name not in SCHEDULERS:
             raise SettingsError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)}")
+        if name == "pndm" and self.scheduler_config.get("prediction_type") == "sample":
+            raise SettingsError(
+                "scheduler pndm cannot sample a model that predicts samples; "
+                "use ddim, euler, dpm++ or unipc"
+            )
         scheduler = SCHEDULERS[name].from_config(self.scheduler_config)
         scheduler.set_timesteps(steps, device=self.device)
         return scheduler

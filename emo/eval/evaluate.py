@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from emo.eval.scores import head_motion, identity_score, lip_sync, seams
-from emo.face import expand_box
+from emo.face import FACE_EXPAND, expand_box
 from emo.pipeline import EMOPipeline
 from emo.synthetic.corpus import VideoSpec, identity_for, voice_for
 from emo.synthetic.face import Expression, draw_face
@@ -55,7 +55,7 @@ def render(
         portrait,
         audio,
         clips=clips,
-        face_box=expand_box(box, 1.1),
+        face_box=expand_box(box, FACE_EXPAND),
         speed=speed,
         seed=seed,
         steps=steps,
@@ -107,7 +107,7 @@ def evaluate(
         values = [row[key] for row in rows if row[key] is not None]
         return float(np.mean(values)) if values else None
 
-    offsets = Counter(int(row["av_offset_frames"]) for row in rows)
+    offsets = Counter(row["av_offset_frames"] for row in rows)
     return {
         "lip_sync_r": mean("lip_sync_r"),
         "av_offset_frames": offsets.most_common(1)[0][0],

@@ -39,14 +39,18 @@ def lagged(measured: np.ndarray, truth: np.ndarray, lag: int) -> tuple[np.ndarra
     return measured[:lag], truth[-lag:]
 
 
-def lip_sync(frames: np.ndarray, boxes, truth: np.ndarray) -> tuple[float, int]:
-    """(r at lag 0, the lag with the best r) of measured against true mouth opening."""
+NO_SYNC = 0.2  # below this best correlation there is no offset to speak of
+
+
+def lip_sync(frames: np.ndarray, boxes, truth: np.ndarray) -> tuple[float, int | None]:
+    """(r at lag 0, the lag with the best r) of measured against true mouth opening; the lag
+    is None when even the best r is below ``NO_SYNC`` (a frozen mouth is not 'in sync')."""
     measured = mouth_openings(frames, boxes)
     scores = {
         lag: correlation(*lagged(measured, truth, lag)) for lag in range(-MAX_LAG, MAX_LAG + 1)
     }
     best = max(scores, key=lambda lag: (scores[lag], -abs(lag)))
-    return scores[0], best
+    return scores[0], best if scores[best] >= NO_SYNC else None
 
 
 def _patch(frame: np.ndarray, box: Box, region: tuple[float, float, float, float]) -> np.ndarray:
@@ -87,8 +91,9 @@ def head_motion(frames: np.ndarray, box: Box) -> float:
     upper face (eyes, brows, nose, hairline; not the mouth) inside ``box``.
 
     It grows with the head's rotation speed: on ground-truth videos of one person and track,
-    0.005, 0.02 and 0.04 rad/frame measure about 0.8, 2.2 and 3.7. Blinks and mouth are the
-    same at every speed level of an evaluation, so they do not change the ordering.
+    0.005, 0.02 and 0.04 rad/frame measure about 0.8, 2.2 and 3.7. It counts any change, so
+    it compares levels only when everything else is equal: the evaluation renders each level
+    with the same person, track and seed, so blinks, mouth and noise match across levels.
     """
     height, width = frames.shape[1:3]
     x0, y0, x1, y1 = box

@@ -34,6 +34,7 @@ class TrainConfig:
     ema_decay: float | None = None  # EMA of trained weights, used for export when set
     train_stage1_modules_in_stage2: bool = True  # the paper keeps them training
     audio_dropout: float = 0.1  # zero the audio tokens this often (for guidance)
+    motion_dropout: float = 0.15  # train as a first clip (zero motion features) this often
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     seed: int = 0

@@ -31,8 +31,8 @@ def role(component: str, name: str) -> str:
         return "speed"
     if "motion_modules" in name:
         return "temporal"
-    if ".attn2." in name or ".norm2." in name:  # audio-attention and its pre-norm
-        return "audio"
+    if ".attn2." in name or (".transformer_blocks." in name and ".norm2." in name):
+        return "audio"  # audio-attention and its pre-norm (ResNet blocks have a norm2 too)
     return "spatial"
 
 

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedDataParallelKwargs
 from diffusers import DDPMScheduler
 from diffusers.training_utils import EMAModel
 from torch import nn
@@ -29,7 +29,7 @@ from torch.utils.data import DataLoader
 
 from emo.bundle import BundleInfo, load_bundle, save_bundle, scheduler_config
 from emo.errors import SettingsError
-from emo.face import face_mask
+from emo.face import FACE_EXPAND, expand_box, face_mask
 from emo.models.audio import clip_audio_features, context_frames
 from emo.models.components import EMOComponents
 from emo.models.conditioning import Conditioning
@@ -112,8 +112,10 @@ class StageModel(nn.Module):
         if cfg.residual_to_reference:
             clean = clean - reference_latents[:, :, None]
         motion = None
-        if n:  # the first n frames play the previous clip's last frames
+        first_clip = bool(torch.rand((), generator=generator) < train.motion_dropout)
+        if n and not first_clip:  # the first n frames play the previous clip's last frames
             motion = parts["reference_net"](latents[:, :n].flatten(0, 1)).maps
+        # else: zero motion features, exactly what the first clip of a render sees
         conditioning = Conditioning(
             reference=parts["reference_net"](reference_latents).tokens,
             motion=motion,
@@ -123,8 +125,9 @@ class StageModel(nn.Module):
         )
         boxes = batch.boxes[:, n:]  # (B, f, 4)
         union = torch.cat([boxes[..., :2].amin(1), boxes[..., 2:].amax(1)], dim=-1)  # (B, 4)
-        masks = torch.stack(
-            [torch.from_numpy(face_mask(tuple(box.tolist()), size, size)) for box in union.cpu()]
+        grown = [expand_box(tuple(box.tolist()), FACE_EXPAND) for box in union.cpu()]
+        masks = torch.stack(  # grown as renders grow the portrait's face box
+            [torch.from_numpy(face_mask(box, size, size)) for box in grown]
         ).to(clean.device)
         located = parts["face_locator"](masks[:, None])[:, :, None]  # (B, C, 1, h, w)
 
@@ -143,8 +146,14 @@ class StageModel(nn.Module):
 
 
 def stage_config(config: EMOConfig, train: TrainConfig, stage: int, index: dict) -> EMOConfig:
-    """The model config this stage trains and exports (residual flag, speed buckets)."""
-    config = replace(config, residual_to_reference=train.residual_to_reference)
+    """The model config this stage trains and exports (residual flag, clip layout, speed
+    buckets)."""
+    config = replace(
+        config,
+        residual_to_reference=train.residual_to_reference,
+        clip_frames=train.clip_frames or config.clip_frames,
+        motion_frames=train.motion_frames or config.motion_frames,
+    )
     if stage == 3:  # speed layers are added: buckets from the dataset's speed distribution
         config = replace(
             config,
@@ -166,6 +175,30 @@ def _rebuild_speed_encoder(components: EMOComponents, config: EMOConfig) -> None
     components.speed_encoder = new.to(device=old.device)  # float32, as built
 
 
+def _check_continuity(init: BundleInfo, train: TrainConfig) -> None:
+    """A bundle trained by an earlier stage fixes what the network predicts; a later stage
+    whose recipe says otherwise would silently retrain it for another target."""
+    if init.meta.get("made_by") != "emo train":
+        return
+    trained_for = (scheduler_config(init).get("prediction_type"), init.config.residual_to_reference)
+    asked = (train.prediction, train.residual_to_reference)
+    if trained_for != asked:
+        raise SettingsError(
+            f"{init.path} was trained to predict {trained_for[0]} "
+            f"(residual_to_reference={trained_for[1]}); this stage asks for {asked[0]} "
+            f"(residual_to_reference={asked[1]}): set prediction and residual_to_reference "
+            "as in the earlier stages"
+        )
+
+
+def _check_rates(index: dict, fps: int, sample_rate: int, data: Path) -> None:
+    if (index["fps"], index["sample_rate"]) != (fps, sample_rate):
+        raise SettingsError(
+            f"dataset {data} was prepared at {index['fps']} fps and {index['sample_rate']} Hz; "
+            f"EMO_FPS / EMO_SAMPLE_RATE are {fps} and {sample_rate}"
+        )
+
+
 def _run_identity(stage: int, data: Path, init: BundleInfo, train: TrainConfig) -> dict:
     return {
         "stage": stage,
@@ -175,7 +208,7 @@ def _run_identity(stage: int, data: Path, init: BundleInfo, train: TrainConfig) 
     }
 
 
-def _open_run(run_dir: Path, identity: dict) -> None:
+def _open_run(run_dir: Path, identity: dict, *, write: bool = True) -> None:
     path = run_dir / "run.json"
     if path.is_file():
         recorded = json.loads(path.read_text())
@@ -185,29 +218,37 @@ def _open_run(run_dir: Path, identity: dict) -> None:
                 f"run directory {run_dir} belongs to another run (differs in "
                 f"{', '.join(changed)}); pass a new --run-dir or the same arguments to resume"
             )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(identity, indent=2))
+    if write:  # the main process only, on several GPUs
+        run_dir.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(identity, indent=2))
 
 
 def _save_checkpoint(
     accelerator: Accelerator, ema: EMAModel | None, run_dir: Path, step: int
 ) -> None:
+    """Write the state beside the last checkpoint, then swap it in (main process)."""
     staging = run_dir / "checkpoint.partial"
-    shutil.rmtree(staging, ignore_errors=True)
-    accelerator.save_state(str(staging), safe_serialization=False)
-    if ema is not None:
-        torch.save(ema.state_dict(), staging / "ema.pt")
-    (staging / "step.json").write_text(json.dumps({"step": step}))
-    final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
-    shutil.rmtree(old, ignore_errors=True)
-    if final.exists():
-        final.rename(old)
-    staging.rename(final)
-    shutil.rmtree(old, ignore_errors=True)
+    if accelerator.is_main_process:
+        shutil.rmtree(staging, ignore_errors=True)
+    accelerator.wait_for_everyone()
+    accelerator.save_state(str(staging), safe_serialization=False)  # every process takes part
+    if accelerator.is_main_process:
+        if ema is not None:
+            torch.save(ema.state_dict(), staging / "ema.pt")
+        (staging / "step.json").write_text(json.dumps({"step": step}))
+        final, old = run_dir / "checkpoint", run_dir / "checkpoint.old"
+        shutil.rmtree(old, ignore_errors=True)
+        if final.exists():
+            final.rename(old)
+        staging.rename(final)
+        shutil.rmtree(old, ignore_errors=True)
+    accelerator.wait_for_everyone()
 
 
 def _load_checkpoint(accelerator: Accelerator, ema: EMAModel | None, run_dir: Path) -> int:
     final = run_dir / "checkpoint"
+    if not (final / "step.json").is_file():  # a crash mid-swap leaves the previous one
+        final = run_dir / "checkpoint.old"
     if not (final / "step.json").is_file():
         return 0
     accelerator.load_state(str(final))
@@ -245,12 +286,19 @@ def train_stage(
             f"{init} is {load_bundle_config(init).resolution}px; prepare it at the model's size"
         )
     components, info = load_bundle(init)
-    _open_run(run_dir, _run_identity(stage, data, info, train))
+    _check_continuity(info, train)
+    _check_rates(index, fps, sample_rate, data)
+    accelerator = Accelerator(
+        mixed_precision=train.mixed_precision,
+        # Stage 1 leaves some ReferenceNet layers without gradients (nothing reads them).
+        kwargs_handlers=[DistributedDataParallelKwargs(find_unused_parameters=True)],
+    )
+    _open_run(run_dir, _run_identity(stage, data, info, train), write=accelerator.is_main_process)
+    accelerator.wait_for_everyone()
     config = stage_config(info.config, train, stage, index)
     if stage == 3:
         _rebuild_speed_encoder(components, config)
     torch.manual_seed(train.seed)
-    accelerator = Accelerator(mixed_precision=train.mixed_precision)
     model = StageModel(components, config, train, stage, fps)
     trained = select_trainable(
         components, stage, stage1_modules_in_stage2=train.train_stage1_modules_in_stage2
@@ -262,7 +310,10 @@ def train_stage(
     lr_schedule = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min(1.0, (step + 1) / warmup)
     )
-    model, optimizer, lr_schedule = accelerator.prepare(model, optimizer, lr_schedule)
+    # The LR schedule counts optimizer steps (not samples across processes), so it is not
+    # handed to accelerate's scheduler wrapper; it is checkpointed with the rest.
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(lr_schedule)
     ema = EMAModel(list(trained.values()), decay=train.ema_decay) if train.ema_decay else None
     start = _load_checkpoint(accelerator, ema, run_dir)
     if start:
@@ -277,11 +328,12 @@ def train_stage(
         context=context_frames(config.audio_context_seconds, fps),
         spf=sample_rate // fps,
     )
-    sampler = WindowSampler(data, spec, seed=train.seed * 1_000_003 + start)
+    rank = accelerator.process_index  # each process draws its own samples
+    sampler = WindowSampler(data, spec, seed=(train.seed * 1_000_003 + start) * 64 + rank)
     loader = DataLoader(
         sampler, batch_size=train.batch_size, collate_fn=collate, num_workers=train.workers
     )
-    generator = torch.Generator().manual_seed(train.seed * 7_919 + start)
+    generator = torch.Generator().manual_seed((train.seed * 7_919 + start) * 64 + rank)
     batches = _batches(loader, accelerator.device)
     model.train()
     components.vae.eval()
@@ -302,7 +354,7 @@ def train_stage(
         if not math.isfinite(loss.item()):
             raise SettingsError(f"loss became {loss.item()} at step {step}; lower learning_rate")
         window_loss, window_steps = window_loss + loss.item(), window_steps + 1
-        if step % train.log_every == 0 or step == last_step:
+        if accelerator.is_main_process and (step % train.log_every == 0 or step == last_step):
             elapsed = time.perf_counter() - started
             record = {
                 "stage": stage,
@@ -318,7 +370,7 @@ def train_stage(
             window_loss, window_steps, started = 0.0, 0, time.perf_counter()
         if step % train.checkpoint_every == 0 or step == last_step:
             _save_checkpoint(accelerator, ema, run_dir, step)
-    if step < train.steps:
+    if step < train.steps or not accelerator.is_main_process:
         return None
     if ema is not None:
         ema.copy_to(list(trained.values()))

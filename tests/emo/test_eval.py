@@ -38,7 +38,9 @@ def test_a_frozen_mouth_scores_no_sync_and_a_late_one_is_found() -> None:
     frozen = frames.copy()
     top = int((box[1] + 0.5 * (box[3] - box[1])) * 64)
     frozen[:, top:] = frames[0, top:]  # the lower face never moves
-    assert abs(score(frozen, spec, clip_frames=12)["lip_sync_r"]) < 0.1
+    frozen_score = score(frozen, spec, clip_frames=12)
+    assert abs(frozen_score["lip_sync_r"]) < 0.1
+    assert frozen_score["av_offset_frames"] is None  # no sync, so no offset either
     late = np.concatenate([frames[:1].repeat(2, axis=0), frames[:-2]])  # video 2 frames late
     assert score(late, spec, clip_frames=12)["av_offset_frames"] == 2
 

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from emo.bundle import load_bundle, save_bundle
+from emo.errors import SettingsError
 from emo.models.components import build_components
 from emo.models.config import TINY
 from emo.synthetic.corpus import make_corpus
@@ -144,3 +145,45 @@ def test_bad_training_settings_are_named(tmp_path: Path) -> None:
     recipe.write_text("train:\n  prediction: x0\n")
     with pytest.raises(Exception, match="prediction must be"):
         load_train_config(recipe, {})
+
+
+def test_roles_follow_parameter_names() -> None:
+    assert role("backbone", "unet.down_blocks.0.resnets.0.norm2.weight") == "spatial"
+    assert (
+        role("backbone", "unet.down_blocks.0.attentions.0.transformer_blocks.0.norm2.weight")
+        == "audio"
+    )
+    assert (
+        role("backbone", "unet.down_blocks.0.motion_modules.0.temporal.proj_in.weight")
+        == "temporal"
+    )
+    assert (
+        role("backbone", "unet.mid_block.motion_modules.0.speed_attention.to_q.weight") == "speed"
+    )
+    assert role("vae", "encoder.conv_in.weight") == "frozen"
+
+
+def test_a_later_stage_keeps_the_earlier_stages_target(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
+    data, init = corpus
+    sample = load_train_config(None, {"steps": 1, "batch_size": 1, "prediction": "sample"})
+    first = train_stage(
+        stage=1,
+        data=data,
+        init=init,
+        output=tmp_path / "one",
+        train=sample,
+        run_dir=tmp_path / "run1",
+    )
+    assert first.meta["made_by"] == "emo train"
+    epsilon = load_train_config(None, {"steps": 1, "batch_size": 1})
+    with pytest.raises(SettingsError, match="trained to predict sample"):
+        train_stage(
+            stage=2,
+            data=data,
+            init=tmp_path / "one",
+            output=tmp_path / "two",
+            train=epsilon,
+            run_dir=tmp_path / "run2",
+        )

@@ -137,3 +137,10 @@ def test_residual_models_add_the_reference_back(
     shifted = residual(portrait, vocal, clips=range(0, 1), **RUN).motion_state.latents
     offset = pipeline.encode_reference(portrait)[0]  # (C, h, w)
     assert torch.allclose(shifted, plain + offset, atol=1e-5)
+
+
+def test_pndm_is_refused_for_sample_prediction(tiny_components, portrait, vocal) -> None:
+    config = {**TINY.scheduler, "prediction_type": "sample"}
+    pipeline = EMOPipeline(tiny_components, TINY, config)
+    with pytest.raises(SettingsError, match="pndm cannot sample"):
+        pipeline(portrait, vocal, clips=range(0, 1), scheduler="pndm", steps=2)
