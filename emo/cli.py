@@ -221,7 +221,31 @@ def weights_info(
         typer.echo(f"  {name:<17}{count:>14,} parameters")
     typer.echo(f"  {'total':<17}{sum(counts.values()):>14,} parameters")
     for key, value in sorted(info.meta.items()):
-        typer.echo(f"{key:<14}{json.dumps(value)}")
+        typer.echo(f"{key:<14}{_describe(key, value)}")
+
+
+EVAL_KEYS = (
+    "lip_sync_r",
+    "av_offset_frames",
+    "identity",
+    "speed_low",
+    "speed_mid",
+    "speed_high",
+    "seam_jitter",
+)
+
+
+def _describe(key: str, value: object) -> str:
+    """One line per bundle metadata entry: the recipe by name, the evaluation's figures."""
+    if key == "recipe" and isinstance(value, dict):
+        return f"{value.get('file')} (text recorded in emo.json)"
+    if key == "evaluation" and isinstance(value, dict):
+        return ", ".join(
+            f"{k} {value[k]:.3f}" if isinstance(value.get(k), float) else f"{k} {value.get(k)}"
+            for k in EVAL_KEYS
+        )
+    text = json.dumps(value)
+    return text if len(text) <= 160 else text[:157] + "..."
 
 
 @app.command("settings")

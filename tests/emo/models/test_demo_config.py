@@ -49,7 +49,9 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     size = sum(f.stat().st_size for f in (tmp_path / "half").rglob("*") if f.is_file())
     assert size < 40e6  # ships inside the package
     shown = run_emo("weights", "info", str(tmp_path / "half"))
-    assert "configuration demo: 64x64" in shown.stdout and "recipe" in shown.stdout
+    assert "configuration demo: 64x64" in shown.stdout
+    assert "recipe.yaml (text recorded in emo.json)" in shown.stdout
+    assert "lip_sync_r 0.500" in shown.stdout
 
     pipeline = EMOPipeline.from_bundle(tmp_path / "half")
     portrait = np.full((64, 64, 3), 128, np.uint8)
