@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from emo import media
+from emo.render import SHIPPED_DEMO
 from tests.conftest import run_emo
 
 DEMO_SECONDS = 10.0  # emo/assets/demo_vocal.wav
@@ -16,13 +17,15 @@ def test_demo_renders_the_sample_and_says_where_everything_is(tmp_path: Path) ->
     output = tmp_path / "out" / "demo.mp4"
     result = run_emo("demo", "-o", str(output), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "untrained tiny bundle" in result.stdout  # until the demo model ships (issue 7)
+    shipped = (SHIPPED_DEMO / "emo.json").is_file()  # make demo-model's bundle, once committed
+    assert ("untrained tiny bundle" in result.stdout) is not shipped
 
     info = media.probe(output)
     assert info.video_frames == math.ceil(DEMO_SECONDS * 25)
     assert info.first("audio") is not None
     sidecar = json.loads(output.with_suffix(".json").read_text())
-    assert sidecar["model_config"] == "tiny" and sidecar["prefect_flow_run"]
+    assert sidecar["model_config"] == ("demo" if shipped else "tiny")
+    assert sidecar["prefect_flow_run"]
 
     lines = result.stdout.splitlines()
     assert any(line.startswith(f"done: {output}") for line in lines)

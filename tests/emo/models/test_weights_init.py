@@ -140,11 +140,17 @@ def test_cli_init_and_info(sources: dict[str, Path], tmp_path: Path) -> None:
 
 def test_weights_info_without_a_bundle_names_the_default(tmp_path: Path) -> None:
     """With EMO_WEIGHTS unset, info describes the weights a render would use."""
+    from emo.render import SHIPPED_DEMO
+
     result = run_emo("weights", "info")
     assert result.returncode == 0, result.stderr
-    home = Path(os.environ["EMO_HOME"])
-    assert f"bundle        {home / 'weights'}" in result.stdout
-    assert "configuration tiny" in result.stdout and "untrained" in result.stdout
+    if (SHIPPED_DEMO / "emo.json").is_file():  # the trained demo model ships in the package
+        assert f"bundle        {SHIPPED_DEMO}" in result.stdout
+        assert "configuration demo" in result.stdout and "evaluation" in result.stdout
+    else:
+        home = Path(os.environ["EMO_HOME"])
+        assert f"bundle        {home / 'weights'}" in result.stdout
+        assert "configuration tiny" in result.stdout and "untrained" in result.stdout
 
 
 def test_bad_sources_give_clear_errors(sources: dict[str, Path], tmp_path: Path) -> None:
