@@ -221,7 +221,7 @@ def weights_info(
         typer.echo(f"  {name:<17}{count:>14,} parameters")
     typer.echo(f"  {'total':<17}{sum(counts.values()):>14,} parameters")
     for key, value in sorted(info.meta.items()):
-        typer.echo(f"{key:<14}{_describe(key, value)}")
+        typer.echo(f"{key:<14} {_describe(key, value)}")
 
 
 EVAL_KEYS = (
