@@ -32,6 +32,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from emo.errors import MediaError
+from emo.files import temp_beside
 from emo.settings import get_settings
 
 # Lines ffmpeg prints when input data is damaged although it carries on decoding.
@@ -160,9 +161,9 @@ def load_image(path: Path | str) -> np.ndarray:
 
 
 def _partial_path(path: Path) -> Path:
-    fd, name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=path.suffix)
+    fd, name = temp_beside(path, prefix=f".{path.stem}.", suffix=path.suffix)
     os.close(fd)
-    return Path(name)
+    return name
 
 
 class VideoWriter:

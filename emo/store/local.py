@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
 from emo.errors import ObjectNotFound, StoreError
+from emo.files import temp_beside
 from emo.store.base import ObjectInfo, ObjectStore, check_key, sha256_stream
 
 TEMP_MARK = ".emo-partial-"  # temp files carry this in their name and are never listed
@@ -19,7 +19,7 @@ TEMP_MARK = ".emo-partial-"  # temp files carry this in their name and are never
 def _atomic(target: Path, fill: Callable[[BinaryIO], None]) -> None:
     """Write ``target`` through ``fill`` so that it appears complete or not at all."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, temp = tempfile.mkstemp(dir=target.parent, prefix=f"{TEMP_MARK}{target.name}.")
+    fd, temp = temp_beside(target, prefix=f"{TEMP_MARK}{target.name}.")
     try:
         with os.fdopen(fd, "wb") as out:
             fill(out)

@@ -127,3 +127,19 @@ def test_open_store_from_settings(weed: WeedServer, tmp_path: Path) -> None:
     remote.put_bytes("k", b"v")
     assert remote.uri("k") == "s3://emo-settings/pre/fix/k"
     assert remote.client.get_object("emo-settings", "pre/fix/k").read() == b"v"
+
+
+def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
+    """Atomically written files are readable as the umask allows, not owner-only (0600)."""
+    import numpy as np
+
+    from emo.files import FILE_MODE
+    from emo.media import VideoWriter
+    from emo.store.local import atomic_write
+
+    atomic_write(tmp_path / "sidecar.json", b"{}")
+    with VideoWriter(tmp_path / "video.mp4", width=16, height=16, fps=25) as writer:
+        writer.write(np.zeros((2, 16, 16, 3), np.uint8))
+    for name in ("sidecar.json", "video.mp4"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == FILE_MODE
+    assert FILE_MODE & 0o044  # group/other may read under the usual umask (022)
