@@ -30,6 +30,7 @@ from db.leases import (
 from emo.errors import EmoError, JobStateError
 from emo.settings import Settings, get_settings
 from emo.store import ObjectStore, open_store
+from flows.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 ACTOR = "emo"
@@ -111,8 +112,7 @@ class JobLease:
         self.owner = owner or lease_owner()
         self.lost = threading.Event()
         self.lost_reason = f"lease of job {job_id} is lost to another render"
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> JobLease:
         ttl = self.svc.settings.lease_seconds
@@ -135,10 +135,9 @@ class JobLease:
                 )
         if orphan is not None:
             self._free_orphaned_slot(orphan)
-        self._thread = threading.Thread(
-            target=self._heartbeat, daemon=True, name=f"lease-{self.job_id[:8]}"
-        )
-        self._thread.start()
+        self._heartbeat = Heartbeat(
+            self._renew, self.svc.settings.heartbeat_seconds, f"lease-{self.job_id[:8]}"
+        ).start()
         return self
 
     @staticmethod
@@ -157,23 +156,24 @@ class JobLease:
         with self.svc.sessions() as session:
             record_gpu_slot(session=session, job_id=self.job_id, owner=self.owner, slot_id=slot_id)
 
-    def _heartbeat(self) -> None:
-        while not self._stop.wait(self.svc.settings.heartbeat_seconds):
-            try:
-                with self.svc.sessions() as session:
-                    renew_lease(
-                        session=session,
-                        job_id=self.job_id,
-                        owner=self.owner,
-                        ttl_seconds=self.svc.settings.lease_seconds,
-                    )
-            except JobStateError as error:
-                log.error("%s; stopping after this step", error)
-                self.lost_reason = str(error)
-                self.lost.set()
-                return
-            except Exception as error:  # noqa: BLE001 (database blip: retry next beat)
-                log.warning("lease heartbeat for job %s failed: %s", self.job_id, error)
+    def _renew(self) -> bool:
+        """One heartbeat; False once the lease is lost (the heartbeat then stops)."""
+        try:
+            with self.svc.sessions() as session:
+                renew_lease(
+                    session=session,
+                    job_id=self.job_id,
+                    owner=self.owner,
+                    ttl_seconds=self.svc.settings.lease_seconds,
+                )
+        except JobStateError as error:
+            log.error("%s; stopping after this step", error)
+            self.lost_reason = str(error)
+            self.lost.set()
+            return False
+        except Exception as error:  # noqa: BLE001 (database blip: retry next beat)
+            log.warning("lease heartbeat for job %s failed: %s", self.job_id, error)
+        return True
 
     def check(self) -> None:
         """Raise if the lease was lost (another render took the job over)."""
@@ -202,9 +202,8 @@ class JobLease:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         try:
             with self.svc.sessions() as session:
                 release_lease(session=session, job_id=self.job_id, owner=self.owner)

@@ -20,6 +20,7 @@ import httpx
 from prefect.client.orchestration import get_client
 
 from emo.errors import EmoError
+from flows.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 
@@ -58,8 +59,7 @@ class GpuSlot:
         self.on_acquired, self.waiting = on_acquired, waiting
         self.slot_id: str | None = None
         self.lost = threading.Event()
-        self._stop = threading.Event()
-        self._thread: threading.Thread | None = None
+        self._heartbeat: Heartbeat | None = None
 
     def _try_acquire(self, client) -> tuple[str | None, float]:  # noqa: ANN001 (Prefect client)
         """(lease id, 0) when acquired, else (None, seconds to wait before asking again)."""
@@ -93,24 +93,25 @@ class GpuSlot:
             except BaseException:
                 release_gpu_slot(slot_id)
                 raise
-        self._thread = threading.Thread(target=self._renew, daemon=True, name="gpu-slot")
-        self._thread.start()
+        self._heartbeat = Heartbeat(
+            lambda: self._renew(slot_id), self.lease_seconds / 3, "gpu-slot"
+        ).start()
         return self
 
-    def _renew(self) -> None:
-        assert self.slot_id is not None
-        with get_client(sync_client=True) as client:
-            while not self._stop.wait(self.lease_seconds / 3):
-                try:
-                    client.renew_concurrency_lease(UUID(self.slot_id), self.lease_seconds)
-                except httpx.HTTPStatusError as error:
-                    if error.response.status_code in (404, 410):  # expired: the slot is gone
-                        log.error("GPU slot %s expired before it was renewed", self.slot_id)
-                        self.lost.set()
-                        return
-                    log.warning("renewing GPU slot %s failed: %s", self.slot_id, error)
-                except Exception as error:  # noqa: BLE001 (a blip: the next renewal retries)
-                    log.warning("renewing GPU slot %s failed: %s", self.slot_id, error)
+    def _renew(self, slot_id: str) -> bool:
+        """One renewal; False once the slot has expired (the heartbeat then stops)."""
+        try:
+            with get_client(sync_client=True) as client:
+                client.renew_concurrency_lease(UUID(slot_id), self.lease_seconds)
+        except httpx.HTTPStatusError as error:
+            if error.response.status_code in (404, 410):  # expired: the slot is gone
+                log.error("GPU slot %s expired before it was renewed", slot_id)
+                self.lost.set()
+                return False
+            log.warning("renewing GPU slot %s failed: %s", slot_id, error)
+        except Exception as error:  # noqa: BLE001 (a blip: the next renewal retries)
+            log.warning("renewing GPU slot %s failed: %s", slot_id, error)
+        return True
 
     def check(self) -> None:
         """Raise if the slot expired (the Prefect API was unreachable for a whole lease):
@@ -127,9 +128,8 @@ class GpuSlot:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        self._stop.set()
-        if self._thread is not None:
-            self._thread.join(timeout=10)
+        if self._heartbeat is not None:
+            self._heartbeat.stop()
         if self.slot_id is not None:
             try:
                 release_gpu_slot(self.slot_id)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +20,8 @@ from emo.eval.scores import head_motion, identity_score, lip_sync, seams
 from emo.face import FACE_EXPAND, expand_box
 from emo.pipeline import EMOPipeline
 from emo.synthetic.corpus import VideoSpec, identity_for, voice_for
-from emo.synthetic.face import Expression, draw_face
+from emo.synthetic.face import Expression, Identity, draw_face
+from emo.synthetic.voice import VoiceTrack
 
 SPEED_LEVELS = {"low": 0.005, "mid": 0.02, "high": 0.04}  # rad/frame
 NEUTRAL = Expression(mouth_open=0.0, mouth_width=0.5, eyes_open=1.0)
@@ -38,42 +40,54 @@ def portrait_of(spec: VideoSpec) -> tuple[np.ndarray, tuple[float, float, float,
     return np.array(frame), box  # a writable copy (PIL's buffer is read-only)
 
 
+@dataclass(frozen=True)
+class HeldOut:
+    """One held-out person and track, synthesised once per evaluation."""
+
+    spec: VideoSpec
+    identity: Identity
+    voice: VoiceTrack
+    portrait: np.ndarray  # (R, R, 3) uint8, neutral frontal
+    box: tuple[float, float, float, float]  # the face box drawn in the portrait
+
+    @classmethod
+    def of(cls, spec: VideoSpec) -> HeldOut:
+        portrait, box = portrait_of(spec)
+        return cls(spec, identity_for(spec), voice_for(spec), portrait, box)
+
+
 def render(
     pipeline: EMOPipeline,
-    spec: VideoSpec,
+    person: HeldOut,
     speed: float,
     *,
     seed: int,
     steps: int | None,
     callback: Callable[[int, int, int], None] | None = None,
 ) -> np.ndarray:
-    """Frames (F, R, R, 3) of the model's rendering of ``spec`` at ``speed``."""
-    portrait, box = portrait_of(spec)
-    audio = voice_for(spec).audio
-    clips = range(0, pipeline.clip_count(audio))
+    """Frames (F, R, R, 3) of the model's rendering of ``person`` at ``speed``."""
+    audio = person.voice.audio
     out = pipeline(
-        portrait,
+        person.portrait,
         audio,
-        clips=clips,
-        face_box=expand_box(box, FACE_EXPAND),
+        clips=range(0, pipeline.clip_count(audio)),
+        face_box=expand_box(person.box, FACE_EXPAND),
         speed=speed,
         seed=seed,
         steps=steps,
         callback=callback,
     )
-    return out.frames[: len(voice_for(spec).mouth_open)]
+    return out.frames[: len(person.voice.mouth_open)]
 
 
-def score(frames: np.ndarray, spec: VideoSpec, clip_frames: int) -> dict[str, float | None]:
+def score(frames: np.ndarray, person: HeldOut, clip_frames: int) -> dict[str, float | None]:
     """Lip sync, offset, identity and seams of one rendering against its ground truth."""
-    _, box = portrait_of(spec)
-    region = expand_box(box, 1.15)  # the head moves a little inside its portrait box
-    truth = voice_for(spec).mouth_open[: len(frames)]
-    r, offset = lip_sync(frames, region, truth)
+    region = expand_box(person.box, 1.15)  # the head moves a little inside its portrait box
+    r, offset = lip_sync(frames, region, person.voice.mouth_open[: len(frames)])
     return {
         "lip_sync_r": r,
         "av_offset_frames": offset,
-        "identity": identity_score(frames, box, identity_for(spec)),
+        "identity": identity_score(frames, person.box, person.identity),
         "seam_jitter": seams(frames, clip_frames),
     }
 
@@ -92,16 +106,18 @@ def evaluate(
     size, clip_frames = pipeline.config.resolution, pipeline.config.clip_frames
     rows, motion = [], {level: [] for level in SPEED_LEVELS}
     for index in range(heldout):
-        spec = VideoSpec(seed=seed, split="heldout", index=index, seconds=seconds, size=size)
+        person = HeldOut.of(
+            VideoSpec(seed=seed, split="heldout", index=index, seconds=seconds, size=size)
+        )
         levels = SPEED_LEVELS if index < speed_videos else {"mid": SPEED_LEVELS["mid"]}
         for level, speed in levels.items():
             if progress:
                 progress(f"held-out person {index + 1}/{heldout}, speed {level}")
-            frames = render(pipeline, spec, speed, seed=seed + index, steps=steps)
+            frames = render(pipeline, person, speed, seed=seed + index, steps=steps)
             if level == "mid":
-                rows.append(score(frames, spec, clip_frames))
+                rows.append(score(frames, person, clip_frames))
             if index < speed_videos:
-                motion[level].append(head_motion(frames, portrait_of(spec)[1]))
+                motion[level].append(head_motion(frames, person.box))
 
     def mean(key: str) -> float | None:
         values = [row[key] for row in rows if row[key] is not None]

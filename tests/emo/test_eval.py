@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 
 from emo.bundle import save_bundle
-from emo.eval.evaluate import SPEED_LEVELS, portrait_of, score
+from emo.eval.evaluate import SPEED_LEVELS, HeldOut, portrait_of, score
 from emo.eval.scores import head_motion
 from emo.models.components import build_components
 from emo.models.config import TINY
@@ -25,7 +25,7 @@ def _truth(index: int, speed: float = SPEED_LEVELS["mid"]) -> tuple[VideoSpec, n
 def test_ground_truth_scores_near_perfectly() -> None:
     for index in range(3):
         spec, frames = _truth(index)
-        result = score(frames, spec, clip_frames=12)
+        result = score(frames, HeldOut.of(spec), clip_frames=12)
         assert result["lip_sync_r"] >= 0.95, result
         assert result["av_offset_frames"] == 0
         assert result["identity"] >= 0.97
@@ -38,11 +38,11 @@ def test_a_frozen_mouth_scores_no_sync_and_a_late_one_is_found() -> None:
     frozen = frames.copy()
     top = int((box[1] + 0.5 * (box[3] - box[1])) * 64)
     frozen[:, top:] = frames[0, top:]  # the lower face never moves
-    frozen_score = score(frozen, spec, clip_frames=12)
+    frozen_score = score(frozen, HeldOut.of(spec), clip_frames=12)
     assert abs(frozen_score["lip_sync_r"]) < 0.1
     assert frozen_score["av_offset_frames"] is None  # no sync, so no offset either
     late = np.concatenate([frames[:1].repeat(2, axis=0), frames[:-2]])  # video 2 frames late
-    assert score(late, spec, clip_frames=12)["av_offset_frames"] == 2
+    assert score(late, HeldOut.of(spec), clip_frames=12)["av_offset_frames"] == 2
 
 
 def test_head_motion_orders_the_speed_levels() -> None:
