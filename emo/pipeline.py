@@ -220,6 +220,7 @@ class EMOPipeline:
             self.components.wav2vec2,
             samples,
             layers=cfg.audio_layers,
+            energy_bands=cfg.audio_energy_bands,
             clip_frames=cfg.clip_frames,
             window=cfg.audio_window,
             context=context,

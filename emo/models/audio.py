@@ -10,6 +10,7 @@ therefore depend on the track and k only, never on which clips a call renders.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -52,8 +53,10 @@ def clip_audio_features(
     clip_frames: int,
     window: int,
     context: int,
+    energy_bands: int = 0,
 ) -> torch.Tensor:
-    """wav2vec2 features of one clip's audio (from ``clip_audio``): (F, K, len(layers) * H)."""
+    """wav2vec2 features of one clip's audio (from ``clip_audio``), plus ``energy_bands`` log
+    band energies per frame: (F, K, len(layers) * H + energy_bands)."""
     device, dtype = wav2vec2.device, wav2vec2.dtype
     x = torch.from_numpy(samples).to(device=device, dtype=torch.float32)
     x = (x - x.mean()) / torch.sqrt(x.var() + 1e-7)  # what Wav2Vec2FeatureExtractor does
@@ -63,8 +66,35 @@ def clip_audio_features(
     hidden = F.interpolate(
         hidden.transpose(1, 2).float(), size=frames, mode="linear", align_corners=False
     ).transpose(1, 2)[0]  # (frames, L*H)
+    if energy_bands:
+        hidden = torch.cat([hidden, band_energies(x, frames, energy_bands)], dim=-1)
     hidden = hidden[context : context + clip_frames + 2 * window]  # (F + 2m, L*H)
     return hidden.unfold(0, 2 * window + 1, 1).transpose(1, 2).contiguous()  # (F, K, L*H)
+
+
+def band_energies(samples: torch.Tensor, frames: int, bands: int) -> torch.Tensor:
+    """Log power of each frame's samples in ``bands`` log-spaced frequency bands: (frames, bands).
+
+    ``samples`` (frames * spf,) is the normalised clip audio, so the energies are relative to
+    the clip's loudness, as wav2vec2's input is. Values are ln(power + 1e-4) / 4, about -2..1.
+    """
+    spectrum = torch.fft.rfft(samples.reshape(frames, -1).float(), dim=-1)  # (frames, bins)
+    power = spectrum.abs().square() / samples.shape[0] * frames  # per-sample power density
+    edges = band_edges(power.shape[-1], bands)
+    sums = torch.stack([power[:, a:b].mean(-1) for a, b in pairwise(edges)], dim=-1)
+    return torch.log(sums + 1e-4) / 4  # (frames, bands)
+
+
+def band_edges(bins: int, bands: int) -> list[int]:
+    """Rfft bin edges of ``bands`` log-spaced bands over bins 1..bins (DC left out)."""
+    if bins - 1 < bands:
+        raise ValueError(f"{bands} energy bands need at least {bands + 1} frequency bins")
+    edges = [int(round(e)) for e in np.geomspace(1, bins, bands + 1)]
+    for i in range(1, len(edges)):  # at least one bin per band
+        edges[i] = max(edges[i], edges[i - 1] + 1)
+    for i in range(len(edges) - 2, -1, -1):
+        edges[i] = min(edges[i], edges[i + 1] - 1)
+    return edges
 
 
 def context_frames(seconds: float, fps: int) -> int:

@@ -71,7 +71,7 @@ def new_emo_layers(config: EMOConfig) -> dict[str, nn.Module]:
             channels=config.face_locator_channels, latent_channels=config.vae["latent_channels"]
         ),
         "audio_projection": AudioProjection(
-            in_features=len(config.audio_layers) * wav2vec2.hidden_size,
+            in_features=len(config.audio_layers) * wav2vec2.hidden_size + config.audio_energy_bands,
             tokens=config.audio_tokens,
             out_features=cross_dim,
         ),

@@ -77,6 +77,9 @@ class EMOConfig:
     audio_window: int = 2  # m: frame i sees audio (and speed) of frames i-m..i+m
     audio_layers: tuple[int, ...] = (4, 8, 12)  # wav2vec2 hidden states used (0 = embeddings)
     audio_context_seconds: float = 1.0  # audio either side of a clip fed to wav2vec2
+    # Log band energies per frame appended to the wav2vec2 features (0 = none). A pretrained
+    # wav2vec2 needs none; a random one (demo) layer-normalises loudness away per frame.
+    audio_energy_bands: int = 0
     speed_centers: tuple[float, ...] = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16)  # rad/frame
     speed_radii: tuple[float, ...] = (0.005, 0.01, 0.01, 0.02, 0.04, 0.08)
     speed_dim: int = 320  # width of speed tokens
@@ -189,6 +192,7 @@ DEMO = EMOConfig(
     name="demo",
     resolution=64,
     audio_layers=(0, 1),  # no pretrained wav2vec2 here: the shallow features carry loudness
+    audio_energy_bands=8,  # ... only weakly (per-frame layer norm): give it loudness directly
     audio_context_seconds=0.5,
     speed_dim=64,
     face_locator_channels=(16, 32, 48),  # two halvings: 64 -> 16

@@ -88,6 +88,7 @@ class StageModel(nn.Module):
                         self.parts["wav2vec2"],
                         sample.cpu().numpy(),
                         layers=cfg.audio_layers,
+                        energy_bands=cfg.audio_energy_bands,
                         clip_frames=frames,
                         window=cfg.audio_window,
                         context=context_frames(cfg.audio_context_seconds, self.fps),

@@ -9,6 +9,8 @@ import numpy as np
 import torch
 
 from emo.bundle import load_bundle
+from emo.models.audio import band_edges, band_energies, clip_audio_features
+from emo.models.components import build_components
 from emo.models.config import DEMO
 from emo.models.pixel_vae import PixelShuffleVAE
 from emo.pipeline import EMOPipeline
@@ -58,3 +60,37 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     audio = np.zeros(16000, np.float32)
     out = pipeline(portrait, audio, clips=range(0, 1), steps=2, seed=1)
     assert out.frames.shape == (12, 64, 64, 3)
+
+
+def test_band_energies_carry_loudness_per_frame() -> None:
+    """The demo's random wav2vec2 normalises loudness away; the energy bands must keep it:
+    silence lowest, a louder frame higher, a low tone in a low band, a high tone in a high."""
+    sr, spf, frames = 16000, 640, 8
+    t = np.arange(spf) / sr
+    low, high = np.sin(2 * np.pi * 150 * t), np.sin(2 * np.pi * 4000 * t)
+    parts = [0 * t, 0.1 * low, 0.4 * low, 0.4 * high, 0 * t, 0.1 * low, 0.4 * low, 0.4 * high]
+    x = torch.from_numpy(np.concatenate(parts).astype(np.float32))
+    x = (x - x.mean()) / x.std()
+    energy = band_energies(x, frames, 8)  # (frames, bands)
+    assert energy.shape == (frames, 8)
+    total = energy.exp().sum(-1)
+    assert total[0] < total[1] < total[2] and torch.allclose(energy[:4], energy[4:])
+    assert energy[2].argmax() < 4 <= energy[3].argmax()
+    assert band_edges(321, 8) == sorted(set(band_edges(321, 8)))  # no empty band
+
+
+def test_demo_audio_features_hold_the_energy_bands() -> None:
+    components = build_components(DEMO)
+    samples = np.random.default_rng(0).normal(size=(12 + 2 * 15) * 640).astype(np.float32)
+    features = clip_audio_features(
+        components.wav2vec2,
+        samples,
+        layers=DEMO.audio_layers,
+        clip_frames=12,
+        window=DEMO.audio_window,
+        context=13,
+        energy_bands=DEMO.audio_energy_bands,
+    )
+    width = len(DEMO.audio_layers) * DEMO.wav2vec2["hidden_size"] + DEMO.audio_energy_bands
+    assert features.shape == (12, DEMO.audio_tokens, width)
+    assert components.audio_projection.config.in_features == width
