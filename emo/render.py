@@ -10,6 +10,8 @@ import functools
 import hashlib
 import json
 import shutil
+import time
+import uuid
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -25,7 +27,7 @@ from emo.face import FaceRegion, face_region
 from emo.pipeline import EMOPipeline, MotionState, ProgressCallback
 from emo.plan import PlannedSegment, SegmentPlan
 from emo.settings import Settings
-from emo.store import open_store
+from emo.store import ObjectStore, open_store
 
 UNTRAINED = "tiny-untrained"
 SHIPPED_DEMO = Path(__file__).resolve().parent / "weights" / "demo"  # make demo-model
@@ -189,13 +191,35 @@ def _cached_remote_bundle(uri: str, settings: Settings) -> Path:
     sha = json.loads(store.get_bytes(prefix + BUNDLE_FILE))["sha256"]
     local = settings.home / "weights" / "cache" / sha
     if not (local / BUNDLE_FILE).is_file():
-        staging = local.with_name(f".{sha}.partial")
-        shutil.rmtree(staging, ignore_errors=True)
-        for info in store.list(prefix):
-            store.get_file(info.key, staging / info.key[len(prefix) :])
-        staging.rename(local)
+        _download_bundle(store, prefix, local)
     read_bundle_info(local)
     return local
+
+
+def _download_bundle(store: ObjectStore, prefix: str, local: Path) -> None:
+    """Download into a staging folder of this process, then rename it into place.
+
+    The cache may be shared (a volume mounted by every render pod): two pods pulling the
+    same bundle each fill their own staging folder; the first rename wins, the other is
+    dropped. Staging folders a killed process left behind are removed after an hour.
+    """
+    from emo.bundle import BUNDLE_FILE
+
+    local.parent.mkdir(parents=True, exist_ok=True)
+    for stale in local.parent.glob(f".{local.name}.*.partial"):
+        if time.time() - stale.stat().st_mtime > 3600:
+            shutil.rmtree(stale, ignore_errors=True)
+    staging = local.with_name(f".{local.name}.{uuid.uuid4().hex}.partial")
+    try:
+        for info in store.list(prefix):
+            store.get_file(info.key, staging / info.key[len(prefix) :])
+        try:
+            staging.rename(local)
+        except OSError:
+            if not (local / BUNDLE_FILE).is_file():  # not another pod's finished copy
+                raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
