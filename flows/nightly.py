@@ -3,7 +3,9 @@
 Each manifest under the inbox prefix is moved to ``processed/<date>/`` (copied, then deleted
 from the inbox) before it is submitted, so each is processed once; a crash between the two
 steps can only resubmit the same manifest, which is idempotent. Failed jobs with attempts left
-are requeued and rendered. A report artifact lists what happened.
+are requeued and rendered, and so are crashed jobs: still ``running`` but with no live lease
+(their pod or node died, or the zombie automation marked their flow run Crashed); rendering
+them again resumes from their last verified segment. A report artifact lists what happened.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import select
 
 from db.jobs import requeue_job
-from db.models import Job, JobStatus
+from db.models import Job, JobStatus, Lease, utcnow
 from emo.errors import EmoError
 from flows.context import Services, services
 from flows.submit_batch import dispatch, submit_batch
@@ -80,6 +82,20 @@ def requeue_failed(svc: Services) -> list[str]:
     return requeued
 
 
+@task(cache_policy=NO_CACHE)
+def crashed_jobs(svc: Services) -> list[str]:
+    """Running jobs nobody renders: no lease, or a lease that expired (its holder died)."""
+    with svc.sessions() as session:
+        rows = session.execute(
+            select(Job.id, Lease.expires_at)
+            .outerjoin(Lease, Lease.job_id == Job.id)
+            .where(Job.status == JobStatus.RUNNING)
+            .order_by(Job.priority.desc(), Job.created_at)
+        )
+        now = utcnow()
+        return [job_id for job_id, expires in rows if expires is None or expires <= now]
+
+
 @flow(name="nightly", flow_run_name="nightly {inbox}")
 def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
     """Submit new manifests from the inbox, then retry failed jobs; publish a report."""
@@ -103,13 +119,15 @@ def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
             _return_to_inbox(svc, key, source)
             report["rejected"].append({"manifest": source, "error": f"will retry: {error}"})
     if retry_failed:
-        report["retried"] = dispatch(svc, "nightly-retry", requeue_failed(svc), None)
+        report["retried"] = dispatch(
+            svc, "nightly-retry", requeue_failed(svc) + crashed_jobs(svc), None
+        )
     lines = [
         "# Nightly report",
         "",
         f"- manifests submitted: {len(report['submitted'])}",
         f"- manifests rejected: {len(report['rejected'])}",
-        f"- failed jobs retried: {len(report['retried'])}",
+        f"- failed and crashed jobs retried: {len(report['retried'])}",
         "",
     ]
     lines += [

@@ -19,9 +19,10 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.states import State
+from sqlalchemy import func, select
 
 from db.batches import JobSpec, find_batch, register_batch
-from db.models import Job, JobStatus
+from db.models import Event, Job, JobStatus
 from emo import media
 from emo.errors import EmoError
 from emo.manifest import Manifest, ManifestError, parse_manifest
@@ -226,18 +227,26 @@ def dispatch(
         return outcome
     runs = {}
     for job_id in job_ids:
-        with svc.sessions() as session:
-            attempt = session.get(Job, job_id).attempt
         runs[job_id] = run_deployment(
             svc.settings.render_deployment,
             parameters={"job_id": job_id, "output": _output_path(svc, job_id, output_dir)},
-            idempotency_key=f"{job_id}:{attempt}",
+            idempotency_key=_dispatch_key(svc, job_id),
             timeout=0,
             tags=[f"batch:{batch_name}"],
         )
     for job_id, run in runs.items():
         outcome[job_id] = _wait(run.id).name
     return outcome
+
+
+def _dispatch_key(svc: Services, job_id: str) -> str:
+    """Idempotency key of a job's render run: the same while nothing happened to the job (a
+    retried submit-batch gets the existing run back), new once anything did (a crashed run's
+    job, still at the same attempt, gets a fresh run instead of the crashed one)."""
+    with svc.sessions() as session:
+        attempt = session.get(Job, job_id).attempt
+        events = session.scalar(select(func.count()).where(Event.job_id == job_id))
+    return f"{job_id}:{attempt}:{events}"
 
 
 def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import yaml
 from sqlalchemy import select
 
 from db.engine import make_engine, session_factory
+from db.events import job_events
 from db.jobs import transition_job
+from db.leases import acquire_lease, current_lease
 from db.models import Batch, Job, JobStatus
 from flows.nightly import nightly
 from flows.submit_batch import submit_batch
@@ -74,6 +77,32 @@ def test_nightly_retries_failed_jobs_under_their_limit(studio: Studio, tmp_path:
     with session_factory(make_engine(url))() as session:
         job = session.get(Job, job_id)
         assert job.status is JobStatus.SUCCEEDED and job.attempt == 2
+
+
+def test_nightly_resumes_crashed_jobs_and_leaves_live_ones(studio: Studio, tmp_path: Path) -> None:
+    """A job still `running` whose holder died (lease expired: its pod or node is gone) is
+    rendered again; a job whose holder is alive (live lease) is left to it."""
+    result = submit_batch(
+        manifest=str(manifest(tmp_path / "crash.yaml", studio, ["lost", "busy"], steps=2)),
+        render=False,
+    )
+    lost, busy = result["jobs"]["lost"], result["jobs"]["busy"]
+    url = studio.env["EMO_DATABASE_URL"]
+    an_hour_ago = datetime.now(UTC) - timedelta(hours=1)
+    with session_factory(make_engine(url))() as session:
+        for job_id in (lost, busy):
+            transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
+        acquire_lease(
+            session=session, job_id=lost, owner="gpu-pod-7:1", ttl_seconds=60, now=an_hour_ago
+        )
+        acquire_lease(session=session, job_id=busy, owner="gpu-pod-8:1", ttl_seconds=3600)
+    report = nightly(inbox="inbox/")
+    assert report["retried"] == {lost: "succeeded"}
+    with session_factory(make_engine(url))() as session:
+        assert session.get(Job, lost).status is JobStatus.SUCCEEDED
+        assert "job.resumed" in [e.kind for e in job_events(session=session, job_id=lost)]
+        assert session.get(Job, busy).status is JobStatus.RUNNING
+        assert current_lease(session=session, job_id=busy).owner == "gpu-pod-8:1"
 
 
 def test_cli_status_and_cancel(studio: Studio, tmp_path: Path, prefect_server: str) -> None:
