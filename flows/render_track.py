@@ -27,7 +27,7 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
-from prefect.runtime import flow_run
+from prefect.runtime import flow_run, task_run
 
 from db.jobs import begin_run, get_job, record_result, transition_job
 from db.models import JobStatus
@@ -152,7 +152,24 @@ def load_model(svc: Services) -> EMOPipeline:
     )
 
 
-@task(cache_policy=NO_CACHE)
+def _clock(seconds: float) -> str:
+    """m:ss.s, how the UI shows where in the track a segment lies."""
+    minutes, rest = divmod(seconds, 60)
+    return f"{int(minutes)}:{rest:04.1f}"
+
+
+def _segment_run_name() -> str:
+    """Task-run name in the UI: the segment's index and its time range in the track."""
+    segment = task_run.parameters.get("segment")
+    if segment is None:
+        return "segment"
+    return (
+        f"segment {segment.index} ({_clock(segment.start_seconds)}-"
+        f"{_clock(segment.end_seconds)})"
+    )
+
+
+@task(cache_policy=NO_CACHE, task_run_name=_segment_run_name)
 def render_segment_task(
     svc: Services,
     lease: JobLease,

@@ -67,14 +67,43 @@ def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
     assert studio.store.exists(f"jobs/{job_id}/qc.json")
     assert studio.store.exists(f"jobs/{job_id}/sidecar.json")
 
+    # What an operator sees in the Prefect UI, read back through Prefect's API.
+    from prefect.client.schemas.filters import (
+        ArtifactFilter,
+        ArtifactFilterKey,
+        FlowRunFilter,
+        FlowRunFilterName,
+        TaskRunFilter,
+        TaskRunFilterFlowRunId,
+    )
+
     with get_client(sync_client=True) as client:
-        artifacts = client.read_artifacts()
-    keys = {a.key for a in artifacts}
-    assert {
-        f"job-{job_id[:12]}-qc",
-        f"job-{job_id[:12]}-video",
-        f"batch-{result['batch_id'][:12]}",
-    } <= keys
+        (run,) = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(name=FlowRunFilterName(any_=["one/solo"]))
+        )
+        tasks = client.read_task_runs(
+            task_run_filter=TaskRunFilter(flow_run_id=TaskRunFilterFlowRunId(any_=[run.id]))
+        )
+
+        def latest(key: str):
+            found = client.read_artifacts(
+                artifact_filter=ArtifactFilter(key=ArtifactFilterKey(any_=[key]))
+            )
+            assert found, f"no artifact {key}"
+            return max(found, key=lambda a: a.created)
+
+        prefix = f"job-{job_id[:12]}"
+        progress, qc, video = (latest(f"{prefix}-{k}") for k in ("progress", "qc", "video"))
+        table = latest(f"batch-{result['batch_id'][:12]}")
+    assert "batch:one" in run.tags  # flow run named batch/job, tagged with its batch
+    segments_runs = sorted(t.name for t in tasks if t.name.startswith("segment "))
+    assert len(segments_runs) == 3 and segments_runs[0].startswith("segment 0 (0:00.0-")
+    assert progress.type == "progress" and float(progress.data) == 100.0
+    assert qc.type == "table" and "seam_jitter" in json.dumps(qc.data)
+    assert f"jobs/{job_id}/final.mp4" in str(video.data)  # a link to the final video
+    rows = json.loads(table.data) if isinstance(table.data, str) else table.data
+    assert rows[0]["job"] == "solo" and rows[0]["status"] == "succeeded"
+    assert {"job", "status", "duration_s", "qc", "output"} <= set(rows[0])
 
 
 def test_same_manifest_twice_is_one_batch(studio: Studio, tmp_path: Path) -> None:
