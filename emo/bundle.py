@@ -56,11 +56,15 @@ class BundleInfo:
     config: EMOConfig
     sha256: str
     meta: dict[str, Any] = field(default_factory=dict)
+    # The configuration exactly as emo.json records it: what the hash covers, so a field
+    # added to EMOConfig later (with a default) does not invalidate bundles made before it.
+    recorded_config: dict[str, Any] | None = None
 
 
-def content_hash(path: Path, config: EMOConfig) -> str:
+def content_hash(path: Path, config: EMOConfig | dict[str, Any]) -> str:
     """sha256 over the model configuration and every component file (path and content)."""
-    digest = hashlib.sha256(json.dumps(config.to_dict(), sort_keys=True).encode())
+    recorded = config.to_dict() if isinstance(config, EMOConfig) else config
+    digest = hashlib.sha256(json.dumps(recorded, sort_keys=True).encode())
     for folder in HASHED_DIRS:
         for file in sorted((path / folder).rglob("*")):
             if file.is_file():
@@ -133,7 +137,11 @@ def read_bundle_info(path: Path | str) -> BundleInfo:
         document = json.loads(document_path.read_text())
         config = EMOConfig.from_dict(document["config"])
         return BundleInfo(
-            path=path, config=config, sha256=document["sha256"], meta=document.get("meta", {})
+            path=path,
+            config=config,
+            sha256=document["sha256"],
+            meta=document.get("meta", {}),
+            recorded_config=document["config"],
         )
     except (ValueError, KeyError, TypeError) as error:
         raise SettingsError(
@@ -143,7 +151,7 @@ def read_bundle_info(path: Path | str) -> BundleInfo:
 
 def verify_bundle(info: BundleInfo) -> None:
     """Raise unless the files on disk still hash to the recorded value."""
-    actual = content_hash(info.path, info.config)
+    actual = content_hash(info.path, info.recorded_config or info.config)
     if actual != info.sha256:
         raise SettingsError(
             f"weights bundle {info.path} is damaged or was edited: content hash "

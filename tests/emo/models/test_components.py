@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -101,6 +102,23 @@ def test_edited_bundle_is_refused(tmp_path: Path) -> None:
         load_bundle(tmp_path / "a")
     with pytest.raises(SettingsError, match="not a weights bundle"):
         load_bundle(tmp_path)
+
+
+def test_bundles_made_before_a_config_field_existed_still_verify(tmp_path: Path) -> None:
+    """A field added to EMOConfig later (with a default) must not invalidate shipped bundles;
+    a value edited in emo.json's configuration still is refused."""
+    save_bundle(build_components(TINY, seed=3), TINY, tmp_path / "a")
+    document_path = tmp_path / "a" / "emo.json"
+    document = json.loads(document_path.read_text())
+    del document["config"]["audio_energy_bands"]  # as written before the field existed
+    document["sha256"] = content_hash(tmp_path / "a", document["config"])
+    document_path.write_text(json.dumps(document))
+    _, info = load_bundle(tmp_path / "a")
+    assert info.config == TINY
+    document["config"]["steps"] = 50
+    document_path.write_text(json.dumps(document))
+    with pytest.raises(SettingsError, match="damaged or was edited"):
+        load_bundle(tmp_path / "a")
 
 
 def test_configurations_round_trip_and_full_has_the_paper_sizes() -> None:
