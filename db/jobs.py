@@ -10,6 +10,8 @@ transaction. ``attempt`` counts the runs a job has started.
 
 from __future__ import annotations
 
+from datetime import datetime
+
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -100,6 +102,29 @@ def requeue_job(*, session: Session, job_id: str, actor: str, reason: str) -> Jo
         raise
     session.commit()
     return job
+
+
+def fail_crashed_job(
+    *, session: Session, job_id: str, actor: str, now: datetime | None = None
+) -> bool:
+    """running -> failed for a job nobody renders any more: no lease, or an expired one (its
+    pod, node or process died). The crash then counts as an attempt, so ``requeue_job``
+    retries it only while attempts are left. False (nothing changed) for any other job."""
+    job = get_job(session=session, job_id=job_id, lock=True)
+    lease = session.get(Lease, job_id, populate_existing=True)
+    now = now or utcnow()
+    if job.status is not JobStatus.RUNNING or (lease is not None and lease.expires_at > now):
+        session.rollback()
+        return False
+    holder = (
+        f"holder {lease.owner}, lease expired {lease.expires_at:%Y-%m-%d %H:%M:%S} UTC"
+        if lease is not None
+        else "no lease"
+    )
+    reason = f"crashed: the render stopped without finishing ({holder})"
+    _apply(job, JobStatus.FAILED, session=session, actor=actor, reason=reason)
+    session.commit()
+    return True
 
 
 def begin_run(*, session: Session, job_id: str, actor: str) -> Job:

@@ -393,15 +393,22 @@ def deploy(
     timezone: Annotated[
         str, typer.Option(envvar="EMO_NIGHTLY_TIMEZONE", help="time zone of the 02:00 nightly")
     ] = "UTC",
+    namespace: Annotated[
+        str, typer.Option(envvar="EMO_NAMESPACE", help="Kubernetes namespace of flow-run Jobs")
+    ] = "emo",
     wait: Annotated[float, typer.Option(help="seconds to wait for the Prefect API")] = 0,
 ) -> None:
     """Register emo with the Prefect server at PREFECT_API_URL: work pools gpu and cpu,
     the deployments of prefect.yaml, the automations of k8s/automations (all idempotent)."""
     from emo.prefect_setup import deploy as register_all
 
-    report = register_all(project.resolve(), image=image, timezone=timezone, wait_seconds=wait)
+    report = register_all(
+        project.resolve(), image=image, timezone=timezone, namespace=namespace, wait_seconds=wait
+    )
     console.print(f"work pools: {', '.join(report.pools)}")
-    console.print(f"deployments: {', '.join(report.deployments)} (image {image})")
+    console.print(
+        f"deployments: {', '.join(report.deployments)} (image {image}, namespace {namespace})"
+    )
     console.print(f"automations: {', '.join(report.automations)}")
     console.print(f"nightly runs at 02:00 {timezone}")
 

@@ -6,8 +6,8 @@ running it twice changes nothing:
 
 1. the ``gpu`` and ``cpu`` work pools (type ``kubernetes``) with the base job templates in
    ``k8s/work-pools/<pool>.json``;
-2. the deployments of ``prefect.yaml`` (``prefect deploy --all``), with ``EMO_IMAGE`` and
-   ``EMO_NIGHTLY_TIMEZONE`` filled in;
+2. the deployments of ``prefect.yaml`` (``prefect deploy --all``), with ``EMO_IMAGE``,
+   ``EMO_NIGHTLY_TIMEZONE`` and ``EMO_NAMESPACE`` filled in;
 3. the automations of ``k8s/automations/*.yaml``, replaced by name.
 """
 
@@ -28,8 +28,6 @@ from emo.errors import EmoError, SettingsError
 
 POOLS_DIR = Path("k8s/work-pools")
 AUTOMATIONS_DIR = Path("k8s/automations")
-DEFAULT_IMAGE = "emo:latest"
-DEFAULT_TIMEZONE = "UTC"
 
 
 @dataclass(frozen=True)
@@ -100,9 +98,14 @@ def ensure_work_pools(project: Path) -> list[str]:
     return names
 
 
-def deploy_all(project: Path, *, image: str, timezone: str) -> list[str]:
+def deploy_all(project: Path, *, image: str, timezone: str, namespace: str) -> list[str]:
     """``prefect deploy --all`` in ``project``; returns the deployment names of prefect.yaml."""
-    env = {**os.environ, "EMO_IMAGE": image, "EMO_NIGHTLY_TIMEZONE": timezone}
+    env = {
+        **os.environ,
+        "EMO_IMAGE": image,
+        "EMO_NIGHTLY_TIMEZONE": timezone,
+        "EMO_NAMESPACE": namespace,
+    }
     done = subprocess.run(
         [sys.executable, "-m", "prefect", "deploy", "--all", "--no-prompt"],
         cwd=project,
@@ -134,12 +137,14 @@ def ensure_automations(project: Path) -> list[str]:
     return names
 
 
-def deploy(project: Path, *, image: str, timezone: str, wait_seconds: float = 0) -> DeployReport:
+def deploy(
+    project: Path, *, image: str, timezone: str, namespace: str, wait_seconds: float = 0
+) -> DeployReport:
     """Register everything; see the module docstring."""
     check_project(project)
     check_timezone(timezone)
     wait_for_api(wait_seconds)
     pools = ensure_work_pools(project)
-    deployments = deploy_all(project, image=image, timezone=timezone)
+    deployments = deploy_all(project, image=image, timezone=timezone, namespace=namespace)
     automations = ensure_automations(project)
     return DeployReport(pools=pools, deployments=deployments, automations=automations)

@@ -197,22 +197,25 @@ def _cached_remote_bundle(uri: str, settings: Settings) -> Path:
 
 
 def _download_bundle(store: ObjectStore, prefix: str, local: Path) -> None:
-    """Download into a staging folder of this process, then rename it into place.
+    """Download into a staging folder of this process, verify it, then rename it into place.
 
     The cache may be shared (a volume mounted by every render pod): two pods pulling the
     same bundle each fill their own staging folder; the first rename wins, the other is
-    dropped. Staging folders a killed process left behind are removed after an hour.
+    dropped. A staging folder nobody has written to for an hour (its pod was killed) is
+    removed; a download is verified before it enters the cache, so a folder removed under a
+    slow download can never be cached half-complete.
     """
-    from emo.bundle import BUNDLE_FILE
+    from emo.bundle import BUNDLE_FILE, read_bundle_info, verify_bundle
 
     local.parent.mkdir(parents=True, exist_ok=True)
     for stale in local.parent.glob(f".{local.name}.*.partial"):
-        if time.time() - stale.stat().st_mtime > 3600:
+        if time.time() - _last_write(stale) > 3600:
             shutil.rmtree(stale, ignore_errors=True)
     staging = local.with_name(f".{local.name}.{uuid.uuid4().hex}.partial")
     try:
         for info in store.list(prefix):
             store.get_file(info.key, staging / info.key[len(prefix) :])
+        verify_bundle(read_bundle_info(staging))
         try:
             staging.rename(local)
         except OSError:
@@ -220,6 +223,17 @@ def _download_bundle(store: ObjectStore, prefix: str, local: Path) -> None:
                 raise
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _last_write(folder: Path) -> float:
+    """Newest modification time of a folder and everything in it (0 if it vanished)."""
+    newest = 0.0
+    for path in [folder, *folder.rglob("*")]:
+        try:
+            newest = max(newest, path.stat().st_mtime)
+        except FileNotFoundError:  # another pod removed it meanwhile
+            continue
+    return newest
 
 
 def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:

@@ -3,9 +3,10 @@
 Each manifest under the inbox prefix is moved to ``processed/<date>/`` (copied, then deleted
 from the inbox) before it is submitted, so each is processed once; a crash between the two
 steps can only resubmit the same manifest, which is idempotent. Failed jobs with attempts left
-are requeued and rendered, and so are crashed jobs: still ``running`` but with no live lease
-(their pod or node died, or the zombie automation marked their flow run Crashed); rendering
-them again resumes from their last verified segment. A report artifact lists what happened.
+are requeued and rendered. So are crashed jobs: still ``running`` but with no live lease (their
+pod or node died; the zombie automation marks such flow runs Crashed). They are marked failed
+first, so a crash counts as an attempt, and rendering them again resumes from their last
+verified segment. A report artifact lists what happened.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 from sqlalchemy import select
 
-from db.jobs import requeue_job
+from db.jobs import fail_crashed_job, requeue_job
 from db.models import Job, JobStatus, Lease, utcnow
 from emo.errors import EmoError
 from flows.context import Services, services
@@ -83,24 +84,29 @@ def requeue_failed(svc: Services) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE)
-def crashed_jobs(svc: Services) -> list[str]:
-    """Running jobs nobody renders: no lease, or a lease that expired (its holder died)."""
+def fail_crashed(svc: Services) -> list[str]:
+    """Mark failed the running jobs nobody renders (no lease, or an expired one)."""
     with svc.sessions() as session:
         rows = session.execute(
             select(Job.id, Lease.expires_at)
             .outerjoin(Lease, Lease.job_id == Job.id)
             .where(Job.status == JobStatus.RUNNING)
-            .order_by(Job.priority.desc(), Job.created_at)
         )
         now = utcnow()
-        return [job_id for job_id, expires in rows if expires is None or expires <= now]
+        candidates = [job_id for job_id, expires in rows if expires is None or expires <= now]
+    crashed = []
+    for job_id in candidates:
+        with svc.sessions() as session:  # re-checked under a row lock: it may have resumed
+            if fail_crashed_job(session=session, job_id=job_id, actor=ACTOR):
+                crashed.append(job_id)
+    return crashed
 
 
 @flow(name="nightly", flow_run_name="nightly {inbox}")
 def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
     """Submit new manifests from the inbox, then retry failed jobs; publish a report."""
     svc = services()
-    report: dict[str, Any] = {"submitted": [], "rejected": [], "retried": {}}
+    report: dict[str, Any] = {"submitted": [], "rejected": [], "crashed": [], "retried": {}}
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     base = svc.store.uri(inbox.strip("/"))  # relative inputs resolve against the inbox
     for source in list_inbox(svc, inbox):
@@ -119,15 +125,15 @@ def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
             _return_to_inbox(svc, key, source)
             report["rejected"].append({"manifest": source, "error": f"will retry: {error}"})
     if retry_failed:
-        report["retried"] = dispatch(
-            svc, "nightly-retry", requeue_failed(svc) + crashed_jobs(svc), None
-        )
+        report["crashed"] = fail_crashed(svc)
+        report["retried"] = dispatch(svc, "nightly-retry", requeue_failed(svc), None)
     lines = [
         "# Nightly report",
         "",
         f"- manifests submitted: {len(report['submitted'])}",
         f"- manifests rejected: {len(report['rejected'])}",
-        f"- failed and crashed jobs retried: {len(report['retried'])}",
+        f"- crashed jobs found (marked failed): {len(report['crashed'])}",
+        f"- failed jobs retried: {len(report['retried'])}",
         "",
     ]
     lines += [

@@ -164,8 +164,7 @@ def _segment_run_name() -> str:
     if segment is None:
         return "segment"
     return (
-        f"segment {segment.index} ({_clock(segment.start_seconds)}-"
-        f"{_clock(segment.end_seconds)})"
+        f"segment {segment.index} ({_clock(segment.start_seconds)}-{_clock(segment.end_seconds)})"
     )
 
 

@@ -19,12 +19,12 @@ from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.deployments import run_deployment
 from prefect.states import State
-from sqlalchemy import func, select
 
 from db.batches import JobSpec, find_batch, register_batch
-from db.models import Event, Job, JobStatus
+from db.jobs import fail_crashed_job, requeue_job
+from db.models import Job, JobStatus
 from emo import media
-from emo.errors import EmoError
+from emo.errors import EmoError, JobStateError
 from emo.manifest import Manifest, ManifestError, parse_manifest
 from emo.models.config import FULL
 from emo.plan import frame_count
@@ -227,10 +227,14 @@ def dispatch(
         return outcome
     runs = {}
     for job_id in job_ids:
+        key = _dispatch_key(svc, job_id)
+        if key is None:
+            outcome[job_id] = "failed: crashed with no attempts left"
+            continue
         runs[job_id] = run_deployment(
             svc.settings.render_deployment,
             parameters={"job_id": job_id, "output": _output_path(svc, job_id, output_dir)},
-            idempotency_key=_dispatch_key(svc, job_id),
+            idempotency_key=key,
             timeout=0,
             tags=[f"batch:{batch_name}"],
         )
@@ -239,14 +243,27 @@ def dispatch(
     return outcome
 
 
-def _dispatch_key(svc: Services, job_id: str) -> str:
-    """Idempotency key of a job's render run: the same while nothing happened to the job (a
-    retried submit-batch gets the existing run back), new once anything did (a crashed run's
-    job, still at the same attempt, gets a fresh run instead of the crashed one)."""
+def _dispatch_key(svc: Services, job_id: str) -> str | None:
+    """Idempotency key of the render run for the job's current attempt, or None when the job
+    crashed and has no attempts left.
+
+    A queued job's run will be attempt+1; a running job's run is the one that made it
+    running (attempt), so a retried submit-batch gets that run back instead of starting a
+    second render. A running job whose render died (no live lease) is first marked failed and
+    requeued: its next run is a new attempt with a new key, not the crashed run.
+    """
     with svc.sessions() as session:
-        attempt = session.get(Job, job_id).attempt
-        events = session.scalar(select(func.count()).where(Event.job_id == job_id))
-    return f"{job_id}:{attempt}:{events}"
+        crashed = fail_crashed_job(session=session, job_id=job_id, actor=ACTOR)
+    if crashed:
+        with svc.sessions() as session:
+            try:
+                requeue_job(session=session, job_id=job_id, actor=ACTOR, reason="crashed run")
+            except JobStateError:  # attempts used up: the job stays failed
+                return None
+    with svc.sessions() as session:
+        job = session.get(Job, job_id)
+        attempt = job.attempt + 1 if job.status is JobStatus.QUEUED else job.attempt
+    return f"{job_id}:attempt-{attempt}"
 
 
 def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:

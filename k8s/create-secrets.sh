@@ -5,7 +5,8 @@
 #   k8s/create-secrets.sh NAMESPACE             create them in NAMESPACE (kubectl context)
 #   k8s/create-secrets.sh NAMESPACE --dry-run   print them as YAML, create nothing
 #
-# Existing Secrets are left alone (rotating a database password needs the database too).
+# All four or none: the URLs in emo-app and emo-prefect carry the passwords of emo-postgres, so
+# if some exist and others do not, nothing is created (delete the rest or restore them).
 set -eu
 namespace=${1:?usage: k8s/create-secrets.sh NAMESPACE [--dry-run]}
 mode=${2:-}
@@ -30,13 +31,29 @@ secret() {  # name, then key=value pairs
     # shellcheck disable=SC2086
     $kubectl create secret generic "$name" --namespace "$namespace" $args \
       --dry-run=client -o yaml
-  elif $kubectl get secret "$name" --namespace "$namespace" >/dev/null 2>&1; then
-    echo "secret $name exists in $namespace; left as it is" >&2
   else
     # shellcheck disable=SC2086
     $kubectl create secret generic "$name" --namespace "$namespace" $args
   fi
 }
+
+if [ "$mode" != "--dry-run" ]; then
+  existing=""
+  for name in emo-postgres emo-minio emo-app emo-prefect; do
+    if $kubectl get secret "$name" --namespace "$namespace" >/dev/null 2>&1; then
+      existing="$existing $name"
+    fi
+  done
+  if [ "$existing" = " emo-postgres emo-minio emo-app emo-prefect" ]; then
+    echo "all four Secrets exist in $namespace; nothing to do" >&2
+    exit 0
+  elif [ -n "$existing" ]; then
+    echo "only some Secrets exist in $namespace:$existing; their passwords must match the" >&2
+    echo "others, so nothing was created. Delete them (and the database volumes made with" >&2
+    echo "them) or create the missing ones by hand from the existing passwords." >&2
+    exit 1
+  fi
+fi
 
 secret emo-postgres \
   "POSTGRES_PASSWORD=$(random)" "EMO_DB_PASSWORD=$emo_db" "PREFECT_DB_PASSWORD=$prefect_db"

@@ -24,6 +24,7 @@ def test_emo_deploy_registers_pools_deployments_schedule_and_automation(
         "PREFECT_API_URL": prefect_server,
         "EMO_IMAGE": IMAGE,
         "EMO_NIGHTLY_TIMEZONE": "Europe/London",
+        "EMO_NAMESPACE": "emo-dev",
     }
     for _ in range(2):  # the second run updates what the first made
         done = run_emo("deploy", "--project", str(ROOT), env=env, timeout=600)
@@ -49,6 +50,8 @@ def test_emo_deploy_registers_pools_deployments_schedule_and_automation(
     )
     assert render.job_variables["image"] == IMAGE and render.job_variables["gpu_count"] == 1
     assert nightly.job_variables["image"] == IMAGE
+    for deployment in (render, submit, nightly):  # Jobs go to the workers' namespace
+        assert deployment.job_variables["namespace"] == "emo-dev"
     limits = [d.global_concurrency_limit for d in (render, submit, nightly)]
     assert [limit.limit for limit in limits] == [16, 4, 1]
     strategies = [d.concurrency_options.collision_strategy.value for d in (render, nightly)]

@@ -13,7 +13,8 @@ from db.engine import make_engine, session_factory
 from db.events import job_events
 from db.jobs import transition_job
 from db.leases import acquire_lease, current_lease
-from db.models import Batch, Job, JobStatus
+from db.models import Batch, Job, JobStatus, Lease
+from flows.context import services
 from flows.nightly import nightly
 from flows.submit_batch import submit_batch
 from tests.conftest import run_emo
@@ -81,7 +82,8 @@ def test_nightly_retries_failed_jobs_under_their_limit(studio: Studio, tmp_path:
 
 def test_nightly_resumes_crashed_jobs_and_leaves_live_ones(studio: Studio, tmp_path: Path) -> None:
     """A job still `running` whose holder died (lease expired: its pod or node is gone) is
-    rendered again; a job whose holder is alive (live lease) is left to it."""
+    marked failed (the crash counts as an attempt) and rendered again; a job whose holder is
+    alive (live lease) is left to it."""
     result = submit_batch(
         manifest=str(manifest(tmp_path / "crash.yaml", studio, ["lost", "busy"], steps=2)),
         render=False,
@@ -97,12 +99,51 @@ def test_nightly_resumes_crashed_jobs_and_leaves_live_ones(studio: Studio, tmp_p
         )
         acquire_lease(session=session, job_id=busy, owner="gpu-pod-8:1", ttl_seconds=3600)
     report = nightly(inbox="inbox/")
-    assert report["retried"] == {lost: "succeeded"}
+    assert report["crashed"] == [lost] and report["retried"] == {lost: "succeeded"}
     with session_factory(make_engine(url))() as session:
-        assert session.get(Job, lost).status is JobStatus.SUCCEEDED
-        assert "job.resumed" in [e.kind for e in job_events(session=session, job_id=lost)]
+        job = session.get(Job, lost)
+        assert job.status is JobStatus.SUCCEEDED and job.attempt == 2
+        reasons = [e.reason or "" for e in job_events(session=session, job_id=lost)]
+        assert any(
+            r.startswith("crashed: the render stopped") and "gpu-pod-7:1" in r for r in reasons
+        )
         assert session.get(Job, busy).status is JobStatus.RUNNING
         assert current_lease(session=session, job_id=busy).owner == "gpu-pod-8:1"
+
+
+def test_deployment_dispatch_keys_follow_attempts(studio: Studio, tmp_path: Path) -> None:
+    """The run key of a running job is the one it was dispatched with (a retried submit-batch
+    gets the same run back); a crashed job gets a new attempt and key, until none are left."""
+    from flows.submit_batch import _dispatch_key
+
+    result = submit_batch(
+        manifest=str(manifest(tmp_path / "keys.yaml", studio, ["solo"], steps=2)), render=False
+    )
+    job_id = result["jobs"]["solo"]
+    svc = services()
+    url = studio.env["EMO_DATABASE_URL"]
+    assert _dispatch_key(svc, job_id) == f"{job_id}:attempt-1"
+    with session_factory(make_engine(url))() as session:
+        transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
+        acquire_lease(session=session, job_id=job_id, owner="gpu-pod-1:1", ttl_seconds=3600)
+    assert _dispatch_key(svc, job_id) == f"{job_id}:attempt-1"  # rendering: the same run
+
+    def crash(max_attempts: int) -> None:
+        with session_factory(make_engine(url))() as session:
+            session.get(Lease, job_id).expires_at = datetime.now(UTC) - timedelta(minutes=5)
+            session.get(Job, job_id).max_attempts = max_attempts
+            session.commit()
+
+    crash(max_attempts=3)
+    assert _dispatch_key(svc, job_id) == f"{job_id}:attempt-2"
+    with session_factory(make_engine(url))() as session:
+        assert session.get(Job, job_id).status is JobStatus.QUEUED
+        transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
+    crash(max_attempts=2)
+    assert _dispatch_key(svc, job_id) is None  # attempts used up
+    with session_factory(make_engine(url))() as session:
+        job = session.get(Job, job_id)
+        assert job.status is JobStatus.FAILED and job.error.startswith("crashed")
 
 
 def test_cli_status_and_cancel(studio: Studio, tmp_path: Path, prefect_server: str) -> None:

@@ -331,3 +331,44 @@ def test_dockerfile_builds_a_non_root_image_of_this_checkout() -> None:
                     assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
     assert "WORKDIR /opt/emo" in text  # prefect.yaml's pull step sets this directory
     assert "ffmpeg" in text and "torch" in text
+
+
+def _stub_kubectl(tmp_path: Path, existing: list[str]) -> tuple[Path, Path]:
+    """A stand-in for kubectl (no API server can exist here): `get secret NAME` succeeds for
+    the names in ``existing``; every `create` is recorded in a log file."""
+    log = tmp_path / "calls.log"
+    stub = tmp_path / "kubectl"
+    stub.write_text(
+        "#!/bin/sh\n"
+        f'echo "$*" >> {log}\n'
+        'if [ "$1" = get ]; then\n'
+        f'  case " {" ".join(existing)} " in *" $3 "*) exit 0 ;; *) exit 1 ;; esac\n'
+        "fi\n"
+    )
+    stub.chmod(0o755)
+    return stub, log
+
+
+@pytest.mark.parametrize(
+    "existing,code,created",
+    [
+        ([], 0, 4),
+        (["emo-postgres", "emo-minio", "emo-app", "emo-prefect"], 0, 0),
+        (["emo-postgres"], 1, 0),  # the new URLs would carry passwords the database lacks
+    ],
+)
+def test_create_secrets_makes_all_four_or_none(
+    tmp_path: Path, existing: list[str], code: int, created: int
+) -> None:
+    stub, log = _stub_kubectl(tmp_path, existing)
+    done = subprocess.run(
+        ["sh", str(K8S / "create-secrets.sh"), "emo"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "KUBECTL": str(stub)},
+    )
+    assert done.returncode == code, done.stderr
+    calls = log.read_text().splitlines() if log.exists() else []
+    assert len([c for c in calls if c.startswith("create secret")]) == created
+    if code:
+        assert "only some Secrets exist in emo: emo-postgres" in done.stderr
