@@ -21,7 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from sqlalchemy import select
 
 from db.jobs import fail_crashed_job, requeue_job
-from db.models import Job, JobStatus, Lease, utcnow
+from db.models import Job, JobStatus
 from emo.errors import EmoError
 from flows.context import Services, services
 from flows.submit_batch import dispatch, submit_batch
@@ -85,18 +85,12 @@ def requeue_failed(svc: Services) -> list[str]:
 
 @task(cache_policy=NO_CACHE)
 def fail_crashed(svc: Services) -> list[str]:
-    """Mark failed the running jobs nobody renders (no lease, or an expired one)."""
+    """Mark failed the running jobs nobody renders (``fail_crashed_job`` checks the lease)."""
     with svc.sessions() as session:
-        rows = session.execute(
-            select(Job.id, Lease.expires_at)
-            .outerjoin(Lease, Lease.job_id == Job.id)
-            .where(Job.status == JobStatus.RUNNING)
-        )
-        now = utcnow()
-        candidates = [job_id for job_id, expires in rows if expires is None or expires <= now]
+        running = list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING)))
     crashed = []
-    for job_id in candidates:
-        with svc.sessions() as session:  # re-checked under a row lock: it may have resumed
+    for job_id in running:
+        with svc.sessions() as session:
             if fail_crashed_job(session=session, job_id=job_id, actor=ACTOR):
                 crashed.append(job_id)
     return crashed
