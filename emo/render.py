@@ -9,6 +9,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import json
+import os
 import shutil
 import time
 import uuid
@@ -226,13 +227,19 @@ def _download_bundle(store: ObjectStore, prefix: str, local: Path) -> None:
 
 
 def _last_write(folder: Path) -> float:
-    """Newest modification time of a folder and everything in it (0 if it vanished)."""
+    """Newest modification time of a folder and everything in it (0 if it vanished).
+
+    Other pods rename or remove their staging folders at any moment, so this walks with
+    os.walk (which skips folders that vanish under it) instead of Path.rglob (which raises).
+    """
     newest = 0.0
-    for path in [folder, *folder.rglob("*")]:
-        try:
-            newest = max(newest, path.stat().st_mtime)
-        except FileNotFoundError:  # another pod removed it meanwhile
-            continue
+    for root, _dirs, files in os.walk(folder):
+        for name in [None, *files]:
+            try:
+                stamp = os.stat(root if name is None else os.path.join(root, name)).st_mtime
+            except FileNotFoundError:  # another pod removed it meanwhile
+                continue
+            newest = max(newest, stamp)
     return newest
 
 

@@ -4,6 +4,7 @@ render pods may share (a volume): concurrent pulls of one bundle end in one veri
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from pathlib import Path
 from emo.bundle import read_bundle_info, save_bundle
 from emo.models.components import build_components
 from emo.models.config import TINY
-from emo.render import resolve_weights
+from emo.render import _last_write, resolve_weights
 from emo.settings import load_settings
 from tests.services import WeedServer
 
@@ -62,3 +63,25 @@ def test_s3_weights_are_cached_by_hash_and_concurrent_pulls_agree(
         if not info.key.endswith("/emo.json"):
             store.delete(info.key)
     assert resolve_weights(settings) == cache / sha  # served from the cache
+
+
+def test_staging_folders_vanishing_mid_scan_are_not_an_error(tmp_path: Path) -> None:
+    """Another pod renames or removes its staging folder while this one checks its age (a CI
+    run once failed on exactly that: Path.rglob raised FileNotFoundError mid-walk)."""
+    staging = tmp_path / ".sha.1234.partial"
+    stop = threading.Event()
+
+    def churn() -> None:  # a pod filling its staging folder and renaming it away, repeatedly
+        while not stop.is_set():
+            (staging / "backbone").mkdir(parents=True, exist_ok=True)
+            (staging / "backbone" / "model.safetensors").write_bytes(b"x")
+            shutil.rmtree(staging, ignore_errors=True)
+
+    thread = threading.Thread(target=churn)
+    thread.start()
+    try:
+        ages = [_last_write(staging) for _ in range(3000)]
+    finally:
+        stop.set()
+        thread.join()
+    assert all(age == 0.0 or age > time.time() - 60 for age in ages)
