@@ -16,7 +16,7 @@ import json
 import os
 import shutil
 import tempfile
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -27,8 +27,8 @@ from transformers import Wav2Vec2Model
 from emo.errors import SettingsError
 from emo.models.audio import AudioProjection
 from emo.models.backbone import Backbone
-from emo.models.components import EMOComponents, vae_class
-from emo.models.config import EMOConfig
+from emo.models.components import EMOComponents, build_components, vae_class
+from emo.models.config import EMOConfig, get_config
 from emo.models.face_locator import FaceLocator
 from emo.models.reference_net import ReferenceNet
 from emo.models.speed import SpeedEncoder
@@ -182,3 +182,45 @@ def load_bundle(
 def scheduler_config(info: BundleInfo) -> dict[str, Any]:
     """The bundle's noise-schedule configuration."""
     return dict(DDIMScheduler.load_config(info.path / "scheduler"))
+
+
+def upgrade_bundle(source: Path | str, output: Path | str, config_name: str) -> BundleInfo:
+    """Bring a bundle up to today's configuration ``config_name`` without losing its training.
+
+    Configuration fields added since the bundle was made (absent from its ``emo.json``) take
+    the named configuration's values; every network is rebuilt with them, the bundle's
+    tensors are copied in, and the tensors that are new (zero-initialised where the layer
+    says so, e.g. the audio time embedding) keep their initial values. A tensor whose shape
+    changed, or that the new networks no longer have, is an error: nothing trained is lost
+    silently. The scheduler and the training history are kept; the evaluation is dropped
+    (it was earned by the old networks) and ``meta.upgraded`` records what changed.
+    """
+    components, info = load_bundle(source)
+    target = get_config(config_name)
+    recorded = info.recorded_config or info.config.to_dict()
+    if recorded.get("name") != target.name:
+        raise SettingsError(
+            f"{info.path} is a {recorded.get('name')!r} model; upgrade it with "
+            f"--config {recorded.get('name')}"
+        )
+    added = {f.name: getattr(target, f.name) for f in fields(EMOConfig) if f.name not in recorded}
+    if not added:
+        raise SettingsError(f"{info.path} already records every configuration field")
+    config = replace(info.config, **added)
+    fresh = build_components(config)
+    new_tensors = []
+    for name, module in fresh.modules().items():
+        old, new = getattr(components, name).state_dict(), module.state_dict()
+        if lost := sorted(set(old) - set(new)):
+            raise SettingsError(f"{info.path}: the upgraded {name} has no {lost[0]}")
+        for key, tensor in old.items():
+            if tensor.shape != new[key].shape:
+                raise SettingsError(
+                    f"{info.path}: {name}.{key} is {tuple(tensor.shape)}, the upgraded "
+                    f"network wants {tuple(new[key].shape)}"
+                )
+        new_tensors += [f"{name}.{key}" for key in new if key not in old]
+        module.load_state_dict({**new, **old})
+    meta = {k: v for k, v in info.meta.items() if k != "evaluation"}
+    meta["upgraded"] = {"from_sha256": info.sha256, "fields": added, "new_tensors": new_tensors}
+    return save_bundle(fresh, config, output, scheduler_config=scheduler_config(info), meta=meta)

@@ -162,6 +162,25 @@ def weights_new(
     typer.echo(f"wrote {info.path} (configuration {base.name}, sha256 {info.sha256})")
 
 
+@weights_app.command("upgrade")
+def weights_upgrade(
+    source: Annotated[Path, typer.Argument(help="a trained bundle")],
+    output: Annotated[Path, typer.Option("-o", "--output", help="new bundle directory")],
+    config: Annotated[str, typer.Option(help="the configuration it was made from")] = "demo",
+) -> None:
+    """Rebuild a bundle with configuration fields added since it was made (new layers start
+    at their initial values, everything trained is kept), so training can continue from it."""
+    from emo.bundle import upgrade_bundle
+
+    info = upgrade_bundle(source, output, config)
+    upgraded = info.meta["upgraded"]
+    fields = ", ".join(f"{k}={v}" for k, v in upgraded["fields"].items())
+    typer.echo(
+        f"wrote {info.path} ({fields}; {len(upgraded['new_tensors'])} new tensors, "
+        f"sha256 {info.sha256})"
+    )
+
+
 @weights_app.command("export")
 def weights_export(
     bundle: Annotated[Path, typer.Argument(help="trained bundle")],

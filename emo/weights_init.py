@@ -25,8 +25,7 @@ from transformers import Wav2Vec2Model
 
 from emo.bundle import BundleInfo, save_bundle
 from emo.errors import SettingsError
-from emo.models.backbone import Backbone
-from emo.models.components import EMOComponents, motion_unet_config, new_emo_layers
+from emo.models.components import EMOComponents, new_backbone, new_emo_layers
 from emo.models.config import SD15_SCHEDULER, EMOConfig
 from emo.models.reference_net import ReferenceNet
 
@@ -223,9 +222,7 @@ def init_components(
         used,
     )
 
-    backbone = Backbone(
-        unet_config=motion_unet_config(config.unet, config.motion), speed_dim=config.speed_dim
-    )
+    backbone = new_backbone(config)
     backbone_sources = {f"unet.{k}": v for k, v in unet_state.items()}
     for key, value in motion_state.items():  # motion_modules.j.X -> motion_modules.j.temporal.X
         block, _, rest = key.partition(".motion_modules.")
@@ -233,7 +230,9 @@ def init_components(
         backbone_sources[f"unet.{block}.motion_modules.{index}.temporal.{tail}"] = value
     _fill(backbone, backbone_sources, "backbone", report, used)
     report.expected_unfilled = [
-        f"backbone:{k}" for k in backbone.state_dict() if ".speed_attention." in k
+        f"backbone:{k}"
+        for k in backbone.state_dict()
+        if ".speed_attention." in k or k.startswith("audio_embedding.")
     ]
     all_sources = {name for name, _ in unet_state.values()} | {
         name for name, _ in motion_state.values()

@@ -6,7 +6,10 @@ Built from diffusers' ``UNetMotionModel`` (SD UNet blocks + motion modules); EMO
   own tokens concatenated with ReferenceNet's tokens of the same layer;
 - the text cross-attention that follows it becomes *audio-attention*: its context is each
   frame's window of projected wav2vec2 features (``encoder_hidden_states``, (B*F, K, D));
-- every temporal module is an EMO ``TemporalModule`` (motion frames + speed attention).
+- every temporal module is an EMO ``TemporalModule`` (motion frames + speed attention);
+- optionally (``audio_embedding_tokens``, the ``demo`` configuration), each frame's audio
+  tokens also enter its timestep embedding through a zero-initialised MLP, so every ResNet
+  block hears the audio too (what gave a small model its lip sync, ../shared/TRAINING-NOTES.md).
 
 Latents are (B, C, F, H, W). Reference, motion and speed conditioning arrive as one
 ``Conditioning`` per forward.
@@ -20,6 +23,8 @@ import torch
 from diffusers import ConfigMixin, ModelMixin, UNetMotionModel
 from diffusers.configuration_utils import register_to_config
 from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+from diffusers.models.resnet import ResnetBlock2D
+from torch import nn
 
 from emo.models.conditioning import Conditioning, ConditioningSlot, repeat_batch
 from emo.models.temporal import TemporalModule
@@ -64,13 +69,34 @@ def temporal_module_names(unet: UNetMotionModel) -> list[tuple[torch.nn.ModuleLi
     return found
 
 
+class AudioTimeEmbedding(nn.Module):
+    """A frame's audio tokens (K, D) -> an offset to its timestep embedding (E,).
+
+    The last layer starts at zero: a new (or upgraded) model behaves exactly as without it.
+    """
+
+    def __init__(self, in_features: int, embedding_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_features, embedding_dim)
+        self.linear_2 = nn.Linear(embedding_dim, embedding_dim)
+        nn.init.zeros_(self.linear_2.weight)
+        nn.init.zeros_(self.linear_2.bias)
+
+    def forward(self, audio_tokens: torch.Tensor) -> torch.Tensor:
+        """(B*F, K, D) -> (B*F, E)."""
+        return self.linear_2(torch.nn.functional.silu(self.linear_1(audio_tokens.flatten(1))))
+
+
 class Backbone(ModelMixin, ConfigMixin):
     """EMO's denoiser; ``unet_config`` configures a ``UNetMotionModel`` (SD + motion)."""
 
     @register_to_config
-    def __init__(self, unet_config: dict[str, Any], speed_dim: int) -> None:
+    def __init__(
+        self, unet_config: dict[str, Any], speed_dim: int, audio_embedding_tokens: int = 0
+    ) -> None:
         super().__init__()
         self.slot = ConditioningSlot()
+        self._frame_embedding: torch.Tensor | None = None  # (B*F, E) during a forward
         self.unet = UNetMotionModel.from_config(unet_config)
         self.unet.set_attn_processor(
             {
@@ -84,6 +110,27 @@ class Backbone(ModelMixin, ConfigMixin):
             modules[index] = TemporalModule(
                 modules[index], name=name, speed_dim=speed_dim, slot=self.slot
             )
+        self.audio_embedding: AudioTimeEmbedding | None = None
+        if audio_embedding_tokens:
+            self.audio_embedding = AudioTimeEmbedding(
+                audio_embedding_tokens * unet_config["cross_attention_dim"],
+                self.unet.time_embedding.linear_2.out_features,
+            )
+            for module in self.unet.modules():
+                if isinstance(module, ResnetBlock2D):
+                    module.register_forward_pre_hook(self._add_frame_embedding, with_kwargs=True)
+
+    def _add_frame_embedding(
+        self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]
+    ) -> tuple[tuple, dict[str, Any]] | None:
+        """ResNet pre-hook: temb (B*F, E) += this forward's per-frame audio embedding."""
+        if self._frame_embedding is None:
+            return None
+        if "temb" in kwargs:  # diffusers' motion blocks pass input_tensor=, temb=
+            kwargs = {**kwargs, "temb": kwargs["temb"] + self._frame_embedding}
+        else:  # the mid block passes them positionally
+            args = (args[0], args[1] + self._frame_embedding, *args[2:])
+        return args, kwargs
 
     def forward(
         self,
@@ -97,9 +144,12 @@ class Backbone(ModelMixin, ConfigMixin):
         audio_tokens: (B*F, K, D), each frame's window of projected audio features.
         """
         self.slot.value = conditioning
+        if self.audio_embedding is not None:
+            self._frame_embedding = self.audio_embedding(audio_tokens)
         try:
             return self.unet(
                 sample, timestep, encoder_hidden_states=audio_tokens, return_dict=False
             )[0]
         finally:
             self.slot.value = None
+            self._frame_embedding = None

@@ -84,6 +84,15 @@ def new_emo_layers(config: EMOConfig) -> dict[str, nn.Module]:
     }
 
 
+def new_backbone(config: EMOConfig) -> Backbone:
+    """The Backbone of ``config``, randomly initialised (its EMO layers zero where they add)."""
+    return Backbone(
+        unet_config=motion_unet_config(config.unet, config.motion),
+        speed_dim=config.speed_dim,
+        audio_embedding_tokens=config.audio_tokens if config.audio_time_embedding else 0,
+    )
+
+
 def vae_class(config: EMOConfig) -> type[nn.Module]:
     """AutoencoderKL, or the fixed pixel unshuffle of the ``demo`` configuration."""
     return PixelShuffleVAE if config.pixel_shuffle else AutoencoderKL
@@ -98,9 +107,7 @@ def build_components(config: EMOConfig, seed: int = 0) -> EMOComponents:
     """Every network of ``config`` with random weights (seeded)."""
     torch.manual_seed(seed)
     return EMOComponents(
-        backbone=Backbone(
-            unet_config=motion_unet_config(config.unet, config.motion), speed_dim=config.speed_dim
-        ),
+        backbone=new_backbone(config),
         reference_net=ReferenceNet(unet_config=config.unet),
         vae=vae_class(config).from_config(vae_settings(config)),
         wav2vec2=Wav2Vec2Model(Wav2Vec2Config(**config.wav2vec2)),

@@ -80,6 +80,10 @@ class EMOConfig:
     # Log band energies per frame appended to the wav2vec2 features (0 = none). A pretrained
     # wav2vec2 needs none; a random one (demo) layer-normalises loudness away per frame.
     audio_energy_bands: int = 0
+    # Each frame's audio tokens also offset its timestep embedding (every ResNet block hears
+    # the audio, not only audio-attention). Not in the paper; it gave a small model its lip
+    # sync (../shared/TRAINING-NOTES.md), so ``demo`` uses it.
+    audio_time_embedding: bool = False
     speed_centers: tuple[float, ...] = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16)  # rad/frame
     speed_radii: tuple[float, ...] = (0.005, 0.01, 0.01, 0.02, 0.04, 0.08)
     speed_dim: int = 320  # width of speed tokens
@@ -139,6 +143,7 @@ TINY = EMOConfig(
     resolution=64,
     audio_layers=(1, 2),
     audio_context_seconds=0.5,
+    audio_time_embedding=True,  # tests exercise every code path
     speed_dim=32,
     face_locator_channels=(8, 8, 16, 16),
     steps=4,
@@ -193,6 +198,7 @@ DEMO = EMOConfig(
     resolution=64,
     audio_layers=(0, 1),  # no pretrained wav2vec2 here: the shallow features carry loudness
     audio_energy_bands=8,  # ... only weakly (per-frame layer norm): give it loudness directly
+    audio_time_embedding=True,
     audio_context_seconds=0.5,
     speed_dim=64,
     face_locator_channels=(16, 32, 48),  # two halvings: 64 -> 16

@@ -2,8 +2,9 @@
 
 - Stage 1 (image pre-training): the Backbone's spatial layers, ReferenceNet and the Face
   Locator. The Backbone's temporal modules and audio-attention layers are not used yet.
-- Stage 2 (video training): temporal modules and audio layers (the Backbone's audio-attention
-  and the audio projection); the stage-1 modules too unless switched off.
+- Stage 2 (video training): temporal modules and audio layers (the Backbone's audio-attention,
+  its audio time embedding if any, and the audio projection); the stage-1 modules too unless
+  switched off.
 - Stage 3 (speed): speed layers (speed encoder, speed attention) and temporal modules only.
 
 The VAE and wav2vec2 never train. A parameter's role comes from its name (diffusers' stable
@@ -25,7 +26,7 @@ def role(component: str, name: str) -> str:
         return "frozen"
     if component in ("reference_net", "face_locator"):
         return "spatial"
-    if component == "audio_projection":
+    if component == "audio_projection" or name.startswith("audio_embedding."):
         return "audio"
     if component == "speed_encoder" or ".speed_attention." in name:
         return "speed"

@@ -10,7 +10,12 @@ from emo.models.components import EMOComponents, build_components
 from emo.models.config import TINY
 from emo.pipeline import EMOPipeline
 
-ZERO_INIT = ("audio_projection.proj_out", "face_locator.conv_out", "speed_attention.to_out")
+ZERO_INIT = (
+    "audio_projection.proj_out",
+    "audio_embedding.linear_2",
+    "face_locator.conv_out",
+    "speed_attention.to_out",
+)
 
 
 def like_trained(components: EMOComponents, seed: int = 7) -> EMOComponents:
