@@ -56,7 +56,11 @@ demo-model: $(STAMP)
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage1 -o $(DEMO_RUN)/stage2 --run-dir $(DEMO_RUN)/run2
 	test -f $(DEMO_RUN)/stage3/emo.json || $(BIN)/emo train --stage 3 --config recipes/demo.yaml \
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage2 -o $(DEMO_RUN)/stage3 --run-dir $(DEMO_RUN)/run3
-	$(BIN)/emo eval $(DEMO_RUN)/stage3 --heldout 4 --report $(DEMO_RUN)/eval.json
+	test -f $(DEMO_RUN)/stage4/emo.json || $(BIN)/emo train --stage 2 --config recipes/demo-continue.yaml \
+	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage3 -o $(DEMO_RUN)/stage4 --run-dir $(DEMO_RUN)/run4
+	test -f $(DEMO_RUN)/stage5/emo.json || $(BIN)/emo train --stage 3 --config recipes/demo-continue.yaml \
+	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage4 -o $(DEMO_RUN)/stage5 --run-dir $(DEMO_RUN)/run5
+	$(BIN)/emo eval $(DEMO_RUN)/stage5 --heldout 4 --report $(DEMO_RUN)/eval.json
 	rm -rf emo/weights/demo
-	$(BIN)/emo weights export $(DEMO_RUN)/stage3 -o emo/weights/demo --recipe recipes/demo.yaml \
-	  --eval $(DEMO_RUN)/eval.json
+	$(BIN)/emo weights export $(DEMO_RUN)/stage5 -o emo/weights/demo --recipe recipes/demo.yaml \
+	  --recipe recipes/demo-continue.yaml --eval $(DEMO_RUN)/eval.json

@@ -186,7 +186,10 @@ def weights_export(
     bundle: Annotated[Path, typer.Argument(help="trained bundle")],
     output: Annotated[Path, typer.Option("-o", "--output", help="new bundle directory")],
     half: Annotated[bool, typer.Option(help="store float16 weights (half the size)")] = True,
-    recipe: Annotated[Path | None, typer.Option(help="the training recipe, recorded")] = None,
+    recipe: Annotated[
+        list[Path] | None,
+        typer.Option(help="the training recipe, recorded (repeat for recipes run in turn)"),
+    ] = None,
     evaluation: Annotated[
         Path | None, typer.Option("--eval", help="emo eval --report JSON, recorded")
     ] = None,
@@ -198,8 +201,9 @@ def weights_export(
 
     components, info = load_bundle(bundle)
     meta = dict(info.meta)
-    if recipe is not None:
-        meta["recipe"] = {"file": recipe.name, "text": recipe.read_text()}
+    if recipe:
+        texts = [{"file": path.name, "text": path.read_text()} for path in recipe]
+        meta["recipe"] = texts[0] if len(texts) == 1 else texts
     if evaluation is not None:
         report = json.loads(evaluation.read_text())
         meta["evaluation"] = {k: v for k, v in report.items() if k != "per_video"}
@@ -258,6 +262,9 @@ def _describe(key: str, value: object) -> str:
     """One line per bundle metadata entry: the recipe by name, the evaluation's figures."""
     if key == "recipe" and isinstance(value, dict):
         return f"{value.get('file')} (text recorded in emo.json)"
+    if key == "recipe" and isinstance(value, list):
+        names = " then ".join(str(item.get("file")) for item in value if isinstance(item, dict))
+        return f"{names} (texts recorded in emo.json)"
     if key == "evaluation" and isinstance(value, dict):
         return ", ".join(
             f"{k} {value[k]:.3f}" if isinstance(value.get(k), float) else f"{k} {value.get(k)}"

@@ -160,6 +160,9 @@ def evaluate(
     heldout: Annotated[int, typer.Option(help="held-out people (and tracks) to render")] = 4,
     seconds: Annotated[float, typer.Option(help="length of each held-out track")] = 6.0,
     steps: Annotated[int | None, typer.Option(help="denoising steps; default the model's")] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="audio guidance scale; default the model's")
+    ] = None,
     seed: Annotated[int, typer.Option(help="held-out corpus seed")] = 0,
     speed_videos: Annotated[
         int, typer.Option(help="people also rendered at the low and high speed levels")
@@ -194,6 +197,7 @@ def evaluate(
         seed=seed,
         speed_videos=speed_videos,
         steps=steps,
+        guidance=guidance,
         progress=None if as_json else lambda text: quiet.print(f"rendering {text}"),
     )
     result["bundle"] = {"path": str(path), "sha256": pipeline.bundle.sha256}

@@ -63,6 +63,7 @@ def render(
     *,
     seed: int,
     steps: int | None,
+    guidance: float | None = None,
     callback: Callable[[int, int, int], None] | None = None,
 ) -> np.ndarray:
     """Frames (F, R, R, 3) of the model's rendering of ``person`` at ``speed``."""
@@ -75,6 +76,7 @@ def render(
         speed=speed,
         seed=seed,
         steps=steps,
+        guidance_scale=guidance,
         callback=callback,
     )
     return out.frames[: len(person.voice.mouth_open)]
@@ -99,6 +101,7 @@ def evaluate(
     seconds: float,
     seed: int = 0,
     steps: int | None = None,
+    guidance: float | None = None,
     speed_videos: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -113,7 +116,9 @@ def evaluate(
         for level, speed in levels.items():
             if progress:
                 progress(f"held-out person {index + 1}/{heldout}, speed {level}")
-            frames = render(pipeline, person, speed, seed=seed + index, steps=steps)
+            frames = render(
+                pipeline, person, speed, seed=seed + index, steps=steps, guidance=guidance
+            )
             if level == "mid":
                 rows.append(score(frames, person, clip_frames))
             if index < speed_videos:
@@ -136,6 +141,7 @@ def evaluate(
         "seconds": seconds,
         "seed": seed,
         "steps": steps or pipeline.config.steps,
+        "guidance": pipeline.config.guidance_scale if guidance is None else guidance,
         "per_video": rows,
         "bars": BARS,
     }

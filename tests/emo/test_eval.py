@@ -58,7 +58,17 @@ def test_cli_reports_every_key(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle"
     save_bundle(build_components(TINY, seed=0), TINY, bundle)
     result = run_emo(
-        "eval", str(bundle), "--heldout", "1", "--seconds", "1", "--steps", "2", "--json"
+        "eval",
+        str(bundle),
+        "--heldout",
+        "1",
+        "--seconds",
+        "1",
+        "--steps",
+        "2",
+        "--guidance",
+        "1",
+        "--json",
     )
     assert result.returncode == 0, result.stderr
     report = json.loads(result.stdout)
@@ -73,3 +83,4 @@ def test_cli_reports_every_key(tmp_path: Path) -> None:
     )
     assert all(key in report for key in keys)
     assert report["bundle"]["path"] == str(bundle) and len(report["per_video"]) == 1
+    assert (report["steps"], report["guidance"]) == (2, 1.0)  # what was asked, recorded

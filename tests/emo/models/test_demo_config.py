@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from emo.bundle import load_bundle
+from emo.bundle import load_bundle, read_bundle_info
 from emo.models.audio import band_edges, band_energies, clip_audio_features
 from emo.models.components import build_components
 from emo.models.config import DEMO
@@ -54,6 +54,19 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     assert "configuration demo: 64x64" in shown.stdout
     assert "recipe.yaml (text recorded in emo.json)" in shown.stdout
     assert "lip_sync_r 0.500" in shown.stdout
+    second = tmp_path / "continue.yaml"
+    second.write_text("stage2:\n  steps: 2\n")
+    both = run_emo(
+        "weights", "export", str(tmp_path / "new"), "-o", str(tmp_path / "both"),
+        "--recipe", str(recipe), "--recipe", str(second),
+    )  # fmt: skip
+    assert both.returncode == 0, both.stderr
+    assert [r["text"] for r in read_bundle_info(tmp_path / "both").meta["recipe"]] == [
+        recipe.read_text(),
+        second.read_text(),
+    ]
+    shown = run_emo("weights", "info", str(tmp_path / "both"))
+    assert "recipe.yaml then continue.yaml (texts recorded in emo.json)" in shown.stdout
 
     pipeline = EMOPipeline.from_bundle(tmp_path / "half")
     portrait = np.full((64, 64, 3), 128, np.uint8)
