@@ -45,6 +45,9 @@ clean:
 # The demo model, end to end (recipes/demo.yaml; see the README's "Demo model" section).
 # Every step resumes: synth and prepare skip finished videos, train continues from its run
 # directory, and finished stages are not redone. Run state lives in runs/ (not committed).
+# Stages 4-5 continue stages 1-3 (recipes/demo-continue.yaml); the upgrade before them adds
+# layers newer than a stage-3 bundle (run 3 added the audio time embedding to run 2's) and
+# copies a current bundle unchanged.
 DEMO_RUN := runs/demo-model
 demo-model: $(STAMP)
 	$(BIN)/emo synth -o $(DEMO_RUN)/corpus --videos 300 --seconds 8 --size 64 --seed 0
@@ -56,8 +59,10 @@ demo-model: $(STAMP)
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage1 -o $(DEMO_RUN)/stage2 --run-dir $(DEMO_RUN)/run2
 	test -f $(DEMO_RUN)/stage3/emo.json || $(BIN)/emo train --stage 3 --config recipes/demo.yaml \
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage2 -o $(DEMO_RUN)/stage3 --run-dir $(DEMO_RUN)/run3
+	test -f $(DEMO_RUN)/stage3-up/emo.json || $(BIN)/emo weights upgrade $(DEMO_RUN)/stage3 \
+	  -o $(DEMO_RUN)/stage3-up
 	test -f $(DEMO_RUN)/stage4/emo.json || $(BIN)/emo train --stage 2 --config recipes/demo-continue.yaml \
-	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage3 -o $(DEMO_RUN)/stage4 --run-dir $(DEMO_RUN)/run4
+	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage3-up -o $(DEMO_RUN)/stage4 --run-dir $(DEMO_RUN)/run4
 	test -f $(DEMO_RUN)/stage5/emo.json || $(BIN)/emo train --stage 3 --config recipes/demo-continue.yaml \
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage4 -o $(DEMO_RUN)/stage5 --run-dir $(DEMO_RUN)/run5
 	$(BIN)/emo eval $(DEMO_RUN)/stage5 --heldout 4 --report $(DEMO_RUN)/eval.json

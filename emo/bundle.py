@@ -184,28 +184,33 @@ def scheduler_config(info: BundleInfo) -> dict[str, Any]:
     return dict(DDIMScheduler.load_config(info.path / "scheduler"))
 
 
-def upgrade_bundle(source: Path | str, output: Path | str, config_name: str) -> BundleInfo:
-    """Bring a bundle up to today's configuration ``config_name`` without losing its training.
+def upgrade_bundle(
+    source: Path | str, output: Path | str, config_name: str | None = None
+) -> BundleInfo:
+    """Bring a bundle up to today's configuration without losing its training.
 
     Configuration fields added since the bundle was made (absent from its ``emo.json``) take
-    the named configuration's values; every network is rebuilt with them, the bundle's
-    tensors are copied in, and the tensors that are new (zero-initialised where the layer
-    says so, e.g. the audio time embedding) keep their initial values. A tensor whose shape
-    changed, or that the new networks no longer have, is an error: nothing trained is lost
-    silently. The scheduler and the training history are kept; the evaluation is dropped
-    (it was earned by the old networks) and ``meta.upgraded`` records what changed.
+    the values of the configuration it was made from (``config_name``, default the name it
+    records); every network is rebuilt with them, the bundle's tensors are copied in, and
+    the tensors that are new (zero-initialised where the layer says so, e.g. the audio time
+    embedding) keep their initial values. A tensor whose shape changed, or that the new
+    networks no longer have, is an error: nothing trained is lost silently. A bundle that is
+    already current is copied unchanged (so a recipe can always upgrade). The scheduler and
+    the training history are kept; an evaluation is dropped if networks were added (it was
+    earned without them) and ``meta.upgraded`` records what changed.
     """
+    output = Path(output)
+    if output.exists():
+        raise SettingsError(f"bundle directory {output} already exists; choose a new -o path")
     components, info = load_bundle(source)
-    target = get_config(config_name)
     recorded = info.recorded_config or info.config.to_dict()
+    target = get_config(config_name or str(recorded.get("name")))
     if recorded.get("name") != target.name:
         raise SettingsError(
             f"{info.path} is a {recorded.get('name')!r} model; upgrade it with "
             f"--config {recorded.get('name')}"
         )
     added = {f.name: getattr(target, f.name) for f in fields(EMOConfig) if f.name not in recorded}
-    if not added:
-        raise SettingsError(f"{info.path} already records every configuration field")
     config = replace(info.config, **added)
     fresh = build_components(config)
     new_tensors = []
@@ -221,6 +226,6 @@ def upgrade_bundle(source: Path | str, output: Path | str, config_name: str) -> 
                 )
         new_tensors += [f"{name}.{key}" for key in new if key not in old]
         module.load_state_dict({**new, **old})
-    meta = {k: v for k, v in info.meta.items() if k != "evaluation"}
+    meta = {k: v for k, v in info.meta.items() if k != "evaluation" or not new_tensors}
     meta["upgraded"] = {"from_sha256": info.sha256, "fields": added, "new_tensors": new_tensors}
     return save_bundle(fresh, config, output, scheduler_config=scheduler_config(info), meta=meta)

@@ -166,15 +166,18 @@ def weights_new(
 def weights_upgrade(
     source: Annotated[Path, typer.Argument(help="a trained bundle")],
     output: Annotated[Path, typer.Option("-o", "--output", help="new bundle directory")],
-    config: Annotated[str, typer.Option(help="the configuration it was made from")] = "demo",
+    config: Annotated[
+        str | None, typer.Option(help="the configuration it was made from; default its own")
+    ] = None,
 ) -> None:
     """Rebuild a bundle with configuration fields added since it was made (new layers start
-    at their initial values, everything trained is kept), so training can continue from it."""
+    at their initial values, everything trained is kept), so training can continue from it.
+    A bundle that is already current is copied unchanged."""
     from emo.bundle import upgrade_bundle
 
     info = upgrade_bundle(source, output, config)
     upgraded = info.meta["upgraded"]
-    fields = ", ".join(f"{k}={v}" for k, v in upgraded["fields"].items())
+    fields = ", ".join(f"{k}={v}" for k, v in upgraded["fields"].items()) or "already current"
     typer.echo(
         f"wrote {info.path} ({fields}; {len(upgraded['new_tensors'])} new tensors, "
         f"sha256 {info.sha256})"

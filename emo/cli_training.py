@@ -183,6 +183,8 @@ def evaluate(
 
     if heldout < 1 or seconds < 1.0:
         raise SettingsError("--heldout must be at least 1 and --seconds at least 1")
+    if guidance is not None and not guidance > 0:
+        raise SettingsError(f"--guidance must be positive (1 = no guidance), not {guidance}")
     settings = get_settings()
     path = bundle or resolve_weights(settings)
     device, dtype = device_and_dtype(settings)

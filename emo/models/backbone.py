@@ -124,11 +124,15 @@ class Backbone(ModelMixin, ConfigMixin):
         self, _module: nn.Module, args: tuple, kwargs: dict[str, Any]
     ) -> tuple[tuple, dict[str, Any]] | None:
         """ResNet pre-hook: temb (B*F, E) += this forward's per-frame audio embedding."""
-        if self._frame_embedding is None:
-            return None
+        if self._frame_embedding is None:  # silently adding nothing would corrupt gradients
+            raise RuntimeError(
+                "a Backbone ResNet ran outside Backbone.forward (gradient checkpointing "
+                "recomputes blocks during backward); the audio time embedding does not "
+                "support that"
+            )
         if "temb" in kwargs:  # diffusers' motion blocks pass input_tensor=, temb=
             kwargs = {**kwargs, "temb": kwargs["temb"] + self._frame_embedding}
-        else:  # the mid block passes them positionally
+        else:  # positional (diffusers' gradient-checkpointing calls)
             args = (args[0], args[1] + self._frame_embedding, *args[2:])
         return args, kwargs
 

@@ -7,6 +7,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import pytest
 import torch
 from diffusers.models.resnet import ResnetBlock2D
 
@@ -50,6 +51,23 @@ def test_each_frame_s_audio_offsets_the_time_embedding_of_every_resnet() -> None
         torch.testing.assert_close(heard - quiet, offset)  # frame i gets its own audio's offset
 
 
+def test_audio_attention_alone_still_hears_the_audio() -> None:
+    """The embedding is an extra path: with it silenced, audio-attention still listens."""
+    backbone = like_trained(build_components(TINY, seed=0)).backbone
+    torch.nn.init.zeros_(backbone.audio_embedding.linear_2.weight)
+    torch.nn.init.zeros_(backbone.audio_embedding.linear_2.bias)
+    tokens = torch.randn(F, K, D)
+    assert not torch.allclose(_forward(backbone, tokens), _forward(backbone, 2 * tokens))
+
+
+def test_a_resnet_run_outside_the_forward_is_refused() -> None:
+    """Gradient checkpointing would re-run ResNets in backward without the embedding."""
+    backbone = build_components(TINY, seed=0).backbone
+    resnet = next(m for m in backbone.unet.modules() if isinstance(m, ResnetBlock2D))
+    with pytest.raises(RuntimeError, match="outside Backbone.forward"):
+        resnet(torch.randn(F, 32, LATENT, LATENT), torch.randn(F, 128))
+
+
 def _bundle_from_before_the_field(path: Path) -> Path:
     """A trained-looking tiny bundle as written before audio_time_embedding existed."""
     old = replace(TINY, audio_time_embedding=False)
@@ -68,9 +86,7 @@ def _bundle_from_before_the_field(path: Path) -> Path:
 
 def test_upgrade_adds_the_embedding_at_zero_and_keeps_everything_trained(tmp_path: Path) -> None:
     source = _bundle_from_before_the_field(tmp_path / "old")
-    result = run_emo(
-        "weights", "upgrade", str(source), "-o", str(tmp_path / "new"), "--config", "tiny"
-    )
+    result = run_emo("weights", "upgrade", str(source), "-o", str(tmp_path / "new"))
     assert result.returncode == 0, result.stderr
     assert "audio_time_embedding=True; 4 new tensors" in result.stdout
 
@@ -91,17 +107,32 @@ def test_upgrade_adds_the_embedding_at_zero_and_keeps_everything_trained(tmp_pat
     torch.testing.assert_close(_forward(new.backbone, tokens), _forward(old.backbone, tokens))
 
 
+def test_a_current_bundle_is_copied_unchanged(tmp_path: Path) -> None:
+    """So a recipe can upgrade whatever its earlier stages left (make demo-model does)."""
+    save_bundle(
+        like_trained(build_components(TINY, seed=4)), TINY, tmp_path / "a", meta={"evaluation": 1}
+    )
+    result = run_emo("weights", "upgrade", str(tmp_path / "a"), "-o", str(tmp_path / "b"))
+    assert result.returncode == 0, result.stderr
+    assert "already current; 0 new tensors" in result.stdout
+    (old, _), (new, info) = load_bundle(tmp_path / "a"), load_bundle(tmp_path / "b")
+    assert info.config == TINY and info.meta["evaluation"] == 1
+    for name, module in old.modules().items():
+        for key, tensor in module.state_dict().items():
+            assert torch.equal(getattr(new, name).state_dict()[key], tensor), f"{name}.{key}"
+
+
 def test_upgrade_refuses_what_it_cannot_do_in_one_line(tmp_path: Path) -> None:
     source = _bundle_from_before_the_field(tmp_path / "old")
-    current = tmp_path / "current"
-    save_bundle(build_components(TINY), TINY, current)
+    (tmp_path / "taken").mkdir()
+    out, taken = str(tmp_path / "out"), str(tmp_path / "taken")
     cases = [
-        ((str(current), "--config", "tiny"), "already records every configuration field"),
-        ((str(source), "--config", "demo"), "is a 'tiny' model; upgrade it with --config tiny"),
-        ((str(tmp_path / "nowhere"), "--config", "tiny"), "nowhere"),
+        ((str(source), "--config", "demo", "-o", out), "is a 'tiny' model; upgrade it with"),
+        ((str(source), "-o", taken), "already exists"),
+        ((str(tmp_path / "nowhere"), "-o", out), "nowhere"),
     ]
     for args, message in cases:
-        result = run_emo("weights", "upgrade", *args, "-o", str(tmp_path / "out"))
+        result = run_emo("weights", "upgrade", *args)
         assert result.returncode != 0
         assert message in result.stderr and "Traceback" not in result.stderr
-        assert not (tmp_path / "out").exists()
+        assert not (tmp_path / "out").exists() and not any((tmp_path / "taken").iterdir())
