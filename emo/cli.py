@@ -21,7 +21,7 @@ from sqlalchemy.exc import OperationalError
 
 from emo.cli_jobs import register as register_job_commands
 from emo.cli_training import register as register_training_commands
-from emo.errors import EmoError
+from emo.errors import EmoError, SettingsError
 from emo.settings import get_settings
 
 app = typer.Typer(
@@ -196,13 +196,29 @@ def weights_export(
     evaluation: Annotated[
         Path | None, typer.Option("--eval", help="emo eval --report JSON, recorded")
     ] = None,
+    steps: Annotated[
+        int | None, typer.Option(help="default denoising steps of renders; default the bundle's")
+    ] = None,
+    guidance: Annotated[
+        float | None, typer.Option(help="default audio guidance of renders; default the bundle's")
+    ] = None,
 ) -> None:
-    """Copy a bundle for shipping: optionally float16, with its recipe and evaluation."""
+    """Copy a bundle for shipping: optionally float16, with its recipe and evaluation, and
+    with the sampling defaults its evaluation was run with."""
+    from dataclasses import replace
+
     import torch
 
     from emo.bundle import load_bundle, save_bundle, scheduler_config
 
+    if (steps is not None and steps < 1) or (guidance is not None and not guidance > 0):
+        raise SettingsError("--steps must be at least 1 and --guidance positive (1 = none)")
     components, info = load_bundle(bundle)
+    config = replace(
+        info.config,
+        steps=info.config.steps if steps is None else steps,
+        guidance_scale=info.config.guidance_scale if guidance is None else guidance,
+    )
     meta = dict(info.meta)
     if recipe:
         texts = [{"file": path.name, "text": path.read_text()} for path in recipe]
@@ -212,7 +228,7 @@ def weights_export(
         meta["evaluation"] = {k: v for k, v in report.items() if k != "per_video"}
     exported = save_bundle(
         components,
-        info.config,
+        config,
         output,
         scheduler_config=scheduler_config(info),
         meta=meta,

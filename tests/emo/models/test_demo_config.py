@@ -58,9 +58,11 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     second.write_text("stage2:\n  steps: 2\n")
     both = run_emo(
         "weights", "export", str(tmp_path / "new"), "-o", str(tmp_path / "both"),
-        "--recipe", str(recipe), "--recipe", str(second),
+        "--recipe", str(recipe), "--recipe", str(second), "--steps", "12", "--guidance", "1.2",
     )  # fmt: skip
     assert both.returncode == 0, both.stderr
+    shipped = read_bundle_info(tmp_path / "both").config  # what renders default to
+    assert (shipped.steps, shipped.guidance_scale, DEMO.steps) == (12, 1.2, 20)
     assert [r["text"] for r in read_bundle_info(tmp_path / "both").meta["recipe"]] == [
         recipe.read_text(),
         second.read_text(),
