@@ -91,9 +91,7 @@ def save_bundle(
     dtype: torch.dtype | None = None,
 ) -> BundleInfo:
     """Write a bundle (atomically: built in a sibling temp dir, then renamed into place)."""
-    path = Path(path)
-    if path.exists():
-        raise SettingsError(f"bundle directory {path} already exists; choose a new -o path")
+    path = require_new_bundle_path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -122,6 +120,14 @@ def save_bundle(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return info
+
+
+def require_new_bundle_path(path: Path | str) -> Path:
+    """``path`` as a Path; a clear error if something is there (bundles are never overwritten)."""
+    path = Path(path)
+    if path.exists():
+        raise SettingsError(f"bundle directory {path} already exists; choose a new -o path")
+    return path
 
 
 def read_bundle_info(path: Path | str) -> BundleInfo:
@@ -199,9 +205,7 @@ def upgrade_bundle(
     the training history are kept; an evaluation is dropped if networks were added (it was
     earned without them) and ``meta.upgraded`` records what changed.
     """
-    output = Path(output)
-    if output.exists():
-        raise SettingsError(f"bundle directory {output} already exists; choose a new -o path")
+    require_new_bundle_path(output)  # before the (slow) loading and rebuilding
     components, info = load_bundle(source)
     recorded = info.recorded_config or info.config.to_dict()
     target = get_config(config_name or str(recorded.get("name")))

@@ -214,11 +214,8 @@ def weights_export(
     if (steps is not None and steps < 1) or (guidance is not None and not guidance > 0):
         raise SettingsError("--steps must be at least 1 and --guidance positive (1 = none)")
     components, info = load_bundle(bundle)
-    config = replace(
-        info.config,
-        steps=info.config.steps if steps is None else steps,
-        guidance_scale=info.config.guidance_scale if guidance is None else guidance,
-    )
+    sampling = {"steps": steps, "guidance_scale": guidance}
+    config = replace(info.config, **{k: v for k, v in sampling.items() if v is not None})
     meta = dict(info.meta)
     if recipe:
         texts = [{"file": path.name, "text": path.read_text()} for path in recipe]
@@ -279,11 +276,10 @@ EVAL_KEYS = (
 
 def _describe(key: str, value: object) -> str:
     """One line per bundle metadata entry: the recipe by name, the evaluation's figures."""
-    if key == "recipe" and isinstance(value, dict):
-        return f"{value.get('file')} (text recorded in emo.json)"
-    if key == "recipe" and isinstance(value, list):
-        names = " then ".join(str(item.get("file")) for item in value if isinstance(item, dict))
-        return f"{names} (texts recorded in emo.json)"
+    if key == "recipe" and isinstance(value, dict | list):  # one recipe, or several in turn
+        recipes = value if isinstance(value, list) else [value]
+        names = " then ".join(str(item.get("file")) for item in recipes if isinstance(item, dict))
+        return f"{names} ({'text' if len(recipes) == 1 else 'texts'} recorded in emo.json)"
     if key == "evaluation" and isinstance(value, dict):
         return ", ".join(
             f"{k} {value[k]:.3f}" if isinstance(value.get(k), float) else f"{k} {value.get(k)}"
