@@ -202,6 +202,10 @@ def weights_export(
     guidance: Annotated[
         float | None, typer.Option(help="default audio guidance of renders; default the bundle's")
     ] = None,
+    continuation_strength: Annotated[
+        float | None,
+        typer.Option(help="default continuation strength of renders; default the bundle's"),
+    ] = None,
 ) -> None:
     """Copy a bundle for shipping: optionally float16, with its recipe and evaluation, and
     with the sampling defaults its evaluation was run with."""
@@ -213,8 +217,14 @@ def weights_export(
 
     if (steps is not None and steps < 1) or (guidance is not None and not guidance > 0):
         raise SettingsError("--steps must be at least 1 and --guidance positive (1 = none)")
+    if continuation_strength is not None and not 0 < continuation_strength <= 1:
+        raise SettingsError("--continuation-strength must be above 0 and at most 1")
     components, info = load_bundle(bundle)
-    sampling = {"steps": steps, "guidance_scale": guidance}
+    sampling = {
+        "steps": steps,
+        "guidance_scale": guidance,
+        "continuation_strength": continuation_strength,
+    }
     config = replace(info.config, **{k: v for k, v in sampling.items() if v is not None})
     meta = dict(info.meta)
     if recipe:
@@ -253,7 +263,8 @@ def weights_info(
     typer.echo(
         f"configuration {config.name}: {config.resolution}x{config.resolution}, "
         f"f={config.clip_frames}, n={config.motion_frames}, m={config.audio_window}, "
-        f"{config.steps} steps, guidance {config.guidance_scale}"
+        f"{config.steps} steps, guidance {config.guidance_scale}, "
+        f"continuation strength {config.continuation_strength}"
     )
     counts = components.parameter_counts()
     for name, count in counts.items():

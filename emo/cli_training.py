@@ -163,6 +163,10 @@ def evaluate(
     guidance: Annotated[
         float | None, typer.Option(help="audio guidance scale; default the model's")
     ] = None,
+    continuation_strength: Annotated[
+        float | None,
+        typer.Option(help="clips after the first start from the last frame (0-1, 1 = noise)"),
+    ] = None,
     seed: Annotated[int, typer.Option(help="held-out corpus seed")] = 0,
     speed_videos: Annotated[
         int, typer.Option(help="people also rendered at the low and high speed levels")
@@ -185,6 +189,10 @@ def evaluate(
         raise SettingsError("--heldout must be at least 1 and --seconds at least 1")
     if guidance is not None and not guidance > 0:
         raise SettingsError(f"--guidance must be positive (1 = no guidance), not {guidance}")
+    if continuation_strength is not None and not 0 < continuation_strength <= 1:
+        raise SettingsError(
+            f"--continuation-strength must be above 0 and at most 1, not {continuation_strength}"
+        )
     settings = get_settings()
     path = bundle or resolve_weights(settings)
     device, dtype = device_and_dtype(settings)
@@ -200,6 +208,7 @@ def evaluate(
         speed_videos=speed_videos,
         steps=steps,
         guidance=guidance,
+        continuation_strength=continuation_strength,
         progress=None if as_json else lambda text: quiet.print(f"rendering {text}"),
     )
     result["bundle"] = {"path": str(path), "sha256": pipeline.bundle.sha256}

@@ -109,6 +109,28 @@ def face_region(
     )
 
 
+# Where the mouth moves inside a face region (the face box grown FACE_EXPAND times, as renders
+# pass it to the model): x0, y0, x1, y1 as fractions of the region.
+MOUTH_OF_REGION = (0.3, 0.55, 0.7, 0.85)
+
+
+def mouth_mask(region: np.ndarray, size: int) -> np.ndarray:
+    """(size, size) float32 mask, 1 where the mouth moves, from a face-region mask (H, W) such
+    as ``face_mask`` makes; cells the mouth area touches count whole."""
+    rows, cols = np.nonzero(region > 0.5)
+    height, width = region.shape
+    if rows.size == 0:  # no region: the whole frame is the face region
+        rows, cols = np.array([0, height - 1]), np.array([0, width - 1])
+    top, bottom = rows.min() / height, (rows.max() + 1) / height
+    left, right = cols.min() / width, (cols.max() + 1) / width
+    x0, y0, x1, y1 = MOUTH_OF_REGION
+    mask = np.zeros((size, size), dtype=np.float32)
+    y = (int(np.floor((top + y0 * (bottom - top)) * size)), top + y1 * (bottom - top))
+    x = (int(np.floor((left + x0 * (right - left)) * size)), left + x1 * (right - left))
+    mask[y[0] : int(np.ceil(y[1] * size)), x[0] : int(np.ceil(x[1] * size))] = 1.0
+    return mask
+
+
 def face_mask(box: Box, height: int, width: int) -> np.ndarray:
     """(H, W) float32 mask, 1 inside the box."""
     x0, y0, x1, y1 = box

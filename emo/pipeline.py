@@ -8,8 +8,14 @@ exactly what the next clip consumes, so rendering 0..5 in one call or 0..2 then 
 the motion state through a file) gives the same frames on the same device.
 
 Steps of ``__call__``: check inputs -> encode reference -> for each clip (audio tokens, speed
-tokens, motion features, initial noise, denoising loop with guidance on audio, decode in
+tokens, motion features, initial latents, denoising loop with guidance on audio, decode in
 chunks) -> frames and motion state.
+
+Continuation (a strength below 1, for clips that continue another): during the first
+(1 - strength) of the schedule, the latents outside the mouth are held to the previous clip's
+last frame, noised to each step's level (as inpainting holds the known region), so the clip
+starts from the pose and colours it continues; the mouth area denoises freely from the start,
+so it follows the audio as in a clip started from noise.
 """
 
 from __future__ import annotations
@@ -147,6 +153,7 @@ class EMOPipeline:
         clips: range,
         motion_state: MotionState | None,
         steps: int,
+        strength: float = 1.0,
     ) -> None:
         size = self.config.resolution
         if image.dtype != np.uint8 or image.shape != (size, size, 3):
@@ -169,6 +176,11 @@ class EMOPipeline:
             )
         if steps < 1:
             raise SettingsError("steps must be at least 1")
+        if not 0 < strength <= 1:
+            raise SettingsError(
+                f"continuation strength must be above 0 and at most 1 (1: every clip from "
+                f"pure noise), not {strength}"
+            )
 
     def _scheduler(self, name: str, steps: int) -> SchedulerMixin:
         if name not in SCHEDULERS:
@@ -264,13 +276,17 @@ class EMOPipeline:
         guidance_scale: float | None = None,
         scheduler: str = "ddim",
         motion_state: MotionState | None = None,
+        continuation_strength: float | None = None,
         callback: ProgressCallback | None = None,
     ) -> ClipsOutput:
         """Render ``clips`` of the track: frames (N = len(clips) * f) and the motion state."""
         cfg, parts = self.config, self.components
         steps = steps or cfg.steps
         guidance = cfg.guidance_scale if guidance_scale is None else guidance_scale
-        self.check_inputs(image, audio, clips, motion_state, steps)
+        strength = (
+            cfg.continuation_strength if continuation_strength is None else continuation_strength
+        )
+        self.check_inputs(image, audio, clips, motion_state, steps, strength)
 
         # 1. Reference: VAE + ReferenceNet once per call.
         reference_latents = self.encode_reference(image)  # (1, C, h, w)
@@ -284,11 +300,16 @@ class EMOPipeline:
             box = tuple(face_box) if face_box is not None else face.FULL_FRAME
             mask = torch.from_numpy(face.face_mask(box, cfg.resolution, cfg.resolution))
         located = parts.face_locator(mask[None, None].to(self.device))[:, :, None]  # (1,C,1,h,w)
+        mouth = torch.from_numpy(face.mouth_mask(mask.numpy(), cfg.latent_size)).to(self.device)
         speeds = self.speed_schedule(speed, self.clip_count(audio) * cfg.clip_frames)
 
         motion = None if motion_state is None else motion_state.latents
         frames = []
         for clip in clips:
+            start = None  # (the frame this clip continues, as the Backbone denoises it; mouth)
+            if strength < 1 and motion is not None and len(motion):
+                last = motion[-1].to(self.device) - (0 if offset is None else offset)  # (C, h, w)
+                start = (last, mouth)
             latents = self._denoise_clip(
                 clip,
                 audio,
@@ -296,8 +317,10 @@ class EMOPipeline:
                 motion,
                 located,
                 speeds,
+                start,
                 seed=seed,
                 steps=steps,
+                strength=strength,
                 guidance=guidance,
                 scheduler_name=scheduler,
                 callback=callback,
@@ -319,14 +342,17 @@ class EMOPipeline:
         motion: torch.Tensor | None,
         face: torch.Tensor,
         speeds: torch.Tensor,
+        start: tuple[torch.Tensor, torch.Tensor] | None,
         *,
         seed: int,
         steps: int,
+        strength: float,
         guidance: float,
         scheduler_name: str,
         callback: ProgressCallback | None,
     ) -> torch.Tensor:
-        """Denoise one clip; returns its clean latents (F, C, h, w)."""
+        """Denoise one clip; returns its clean latents (F, C, h, w). ``start``: the frame it
+        continues (C, h, w) and the mouth area (h, w), when continuing."""
         cfg, parts = self.config, self.components
         tokens = self.audio_tokens(audio, clip)  # (F, K, D)
         use_guidance = guidance != 1.0
@@ -347,9 +373,14 @@ class EMOPipeline:
         step_kwargs = {"generator": generator} if _accepts(scheduler.step, "generator") else {}
         channels = cfg.vae["latent_channels"]
         shape = (1, channels, cfg.clip_frames, cfg.latent_size, cfg.latent_size)
-        latents = torch.randn(shape, generator=generator).to(self.device)
-        latents = latents * scheduler.init_noise_sigma  # (1, C, F, h, w) float32
-        for step, t in enumerate(scheduler.timesteps):
+        noise = torch.randn(shape, generator=generator).to(self.device)  # (1, C, F, h, w)
+        latents = noise * scheduler.init_noise_sigma
+        timesteps = scheduler.timesteps
+        held = 0 if start is None else round((1 - strength) * len(timesteps))
+        if held:  # states 0..held-1 keep the frame continued outside the mouth
+            frame, mouth = start[0][None, :, None].expand(shape), start[1]  # (1,C,F,h,w), (h,w)
+            latents = torch.lerp(scheduler.add_noise(frame, noise, timesteps[:1]), latents, mouth)
+        for step, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if use_guidance else latents
             model_in = scheduler.scale_model_input(model_in, t) + face
             prediction = parts.backbone(model_in.to(self.dtype), t, tokens, conditioning).float()
@@ -357,6 +388,9 @@ class EMOPipeline:
                 cond, uncond = prediction.chunk(2)
                 prediction = uncond + guidance * (cond - uncond)
             latents = scheduler.step(prediction, t, latents, **step_kwargs).prev_sample
+            if step + 1 < held:  # the next state's level, as inpainting pipelines do
+                known = scheduler.add_noise(frame, noise, timesteps[step + 1 : step + 2])
+                latents = torch.lerp(known, latents, mouth)
             if callback is not None:
                 callback(clip, step + 1, steps)
         return latents[0].permute(1, 0, 2, 3)  # (F, C, h, w)

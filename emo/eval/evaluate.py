@@ -64,6 +64,7 @@ def render(
     seed: int,
     steps: int | None,
     guidance: float | None = None,
+    continuation_strength: float | None = None,
     callback: Callable[[int, int, int], None] | None = None,
 ) -> np.ndarray:
     """Frames (F, R, R, 3) of the model's rendering of ``person`` at ``speed``."""
@@ -77,6 +78,7 @@ def render(
         seed=seed,
         steps=steps,
         guidance_scale=guidance,
+        continuation_strength=continuation_strength,
         callback=callback,
     )
     return out.frames[: len(person.voice.mouth_open)]
@@ -102,6 +104,7 @@ def evaluate(
     seed: int = 0,
     steps: int | None = None,
     guidance: float | None = None,
+    continuation_strength: float | None = None,
     speed_videos: int = 2,
     progress: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
@@ -117,7 +120,13 @@ def evaluate(
             if progress:
                 progress(f"held-out person {index + 1}/{heldout}, speed {level}")
             frames = render(
-                pipeline, person, speed, seed=seed + index, steps=steps, guidance=guidance
+                pipeline,
+                person,
+                speed,
+                seed=seed + index,
+                steps=steps,
+                guidance=guidance,
+                continuation_strength=continuation_strength,
             )
             if level == "mid":
                 rows.append(score(frames, person, clip_frames))
@@ -142,6 +151,11 @@ def evaluate(
         "seed": seed,
         "steps": steps or pipeline.config.steps,
         "guidance": pipeline.config.guidance_scale if guidance is None else guidance,
+        "continuation_strength": (
+            pipeline.config.continuation_strength
+            if continuation_strength is None
+            else continuation_strength
+        ),
         "per_video": rows,
         "bars": BARS,
     }

@@ -90,6 +90,11 @@ class EMOConfig:
     face_locator_channels: tuple[int, ...] = (16, 32, 96, 256)
     steps: int = 40
     guidance_scale: float = 3.5
+    # Below 1, a clip that continues another keeps its latents outside the mouth at the
+    # previous clip's last frame (noised to each step's level) for the first (1 - this) of
+    # the schedule, so pose and colours carry across clip boundaries; the mouth denoises
+    # freely. 1.0: every clip from pure noise (the paper). The demo bundle ships with 0.5.
+    continuation_strength: float = 1.0
     # The Backbone denoises the residual (frame latents - reference latents) instead of the
     # frame latents: small models then spend no capacity on re-drawing the identity.
     residual_to_reference: bool = False

@@ -68,6 +68,8 @@ def test_cli_reports_every_key(tmp_path: Path) -> None:
         "2",
         "--guidance",
         "1",
+        "--continuation-strength",
+        "0.5",
         "--json",
     )
     assert result.returncode == 0, result.stderr
@@ -83,4 +85,8 @@ def test_cli_reports_every_key(tmp_path: Path) -> None:
     )
     assert all(key in report for key in keys)
     assert report["bundle"]["path"] == str(bundle) and len(report["per_video"]) == 1
-    assert (report["steps"], report["guidance"]) == (2, 1.0)  # what was asked, recorded
+    asked = (report["steps"], report["guidance"], report["continuation_strength"])
+    assert asked == (2, 1.0, 0.5)  # what was asked, recorded
+    refused = run_emo("eval", str(bundle), "--continuation-strength", "1.5")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--continuation-strength must be above 0 and at most 1" in refused.stderr

@@ -9,7 +9,15 @@ import pytest
 import skimage
 
 from emo.errors import MediaError, SettingsError
-from emo.face import FULL_FRAME, detect_face, expand_box, face_mask, face_region
+from emo.face import (
+    FACE_EXPAND,
+    FULL_FRAME,
+    detect_face,
+    expand_box,
+    face_mask,
+    face_region,
+    mouth_mask,
+)
 from emo.media import load_image
 
 DATA = Path(skimage.__file__).parent / "data"
@@ -58,3 +66,22 @@ def test_mask_and_expansion_geometry() -> None:
     assert mask.sum() == 4 * 4 and mask[4:, 2:6].all()
     assert expand_box((0.4, 0.4, 0.6, 0.6), 2.0) == pytest.approx((0.3, 0.3, 0.7, 0.7))
     assert expand_box((0.0, 0.0, 0.2, 0.2), 3.0) == pytest.approx((0.0, 0.0, 0.4, 0.4))  # clipped
+
+
+def test_mouth_area_covers_the_mouth_training_weighs() -> None:
+    """Continued clips denoise this area freely; it must hold the mouth region the training
+    loss weighs (emo.training.objective.MOUTH_REGION of the face box), in latent cells, for a
+    face region grown as renders grow it, and little of the rest of the face."""
+    import torch
+
+    from emo.training.objective import mouth_mask as training_mouth
+
+    face = (0.3, 0.25, 0.7, 0.75)
+    region = face_mask(expand_box(face, FACE_EXPAND), 64, 64)
+    area = mouth_mask(region, 16).astype(bool)
+    trained = training_mouth(torch.tensor([[face]]), 16)[0, 0].numpy().astype(bool)
+    assert trained.any() and not (trained & ~area).any()  # the whole trained mouth is free
+    assert area.sum() <= 2 * trained.sum()  # and not much else
+    assert not area[: int(16 * face[1]) + 4].any()  # eyes and forehead stay held
+    whole = mouth_mask(np.zeros((64, 64), np.float32), 16)  # no region: the whole frame
+    assert whole.sum() > 0 and np.array_equal(whole, mouth_mask(np.ones((64, 64)), 16))

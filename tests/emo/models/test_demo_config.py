@@ -59,16 +59,26 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     both = run_emo(
         "weights", "export", str(tmp_path / "new"), "-o", str(tmp_path / "both"),
         "--recipe", str(recipe), "--recipe", str(second), "--steps", "12", "--guidance", "1.2",
+        "--continuation-strength", "0.7",
     )  # fmt: skip
     assert both.returncode == 0, both.stderr
     shipped = read_bundle_info(tmp_path / "both").config  # what renders default to
     assert (shipped.steps, shipped.guidance_scale, DEMO.steps) == (12, 1.2, 20)
+    assert (shipped.continuation_strength, DEMO.continuation_strength) == (0.7, 1.0)
     assert [r["text"] for r in read_bundle_info(tmp_path / "both").meta["recipe"]] == [
         recipe.read_text(),
         second.read_text(),
     ]
     shown = run_emo("weights", "info", str(tmp_path / "both"))
     assert "recipe.yaml then continue.yaml (texts recorded in emo.json)" in shown.stdout
+    assert "12 steps, guidance 1.2, continuation strength 0.7" in shown.stdout
+    refused = run_emo(
+        "weights", "export", str(tmp_path / "new"), "-o", str(tmp_path / "never"),
+        "--continuation-strength", "0",
+    )  # fmt: skip
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "--continuation-strength must be above 0" in refused.stderr
+    assert not (tmp_path / "never").exists()
 
     pipeline = EMOPipeline.from_bundle(tmp_path / "half")
     portrait = np.full((64, 64, 3), 128, np.uint8)

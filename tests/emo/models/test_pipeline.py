@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from emo import face
 from emo.errors import SettingsError
 from emo.models.config import TINY
 from emo.pipeline import EMOPipeline, MotionState, clip_seed
@@ -16,15 +17,17 @@ F, N = TINY.clip_frames, TINY.motion_frames
 RUN = {"seed": 11, "steps": 3, "face_box": (0.25, 0.2, 0.75, 0.8)}
 
 
+@pytest.mark.parametrize("strength", [1.0, 0.5])
 def test_resume_through_a_file_is_bit_identical(
-    pipeline: EMOPipeline, portrait, vocal, tmp_path: Path
+    pipeline: EMOPipeline, portrait, vocal, tmp_path: Path, strength: float
 ) -> None:
-    whole = pipeline(portrait, vocal, clips=range(0, 6), **RUN)
-    first = pipeline(portrait, vocal, clips=range(0, 3), **RUN)
+    run = {**RUN, "continuation_strength": strength}  # 0.5: clips start from the motion state
+    whole = pipeline(portrait, vocal, clips=range(0, 6), **run)
+    first = pipeline(portrait, vocal, clips=range(0, 3), **run)
     first.motion_state.save(tmp_path / "motion.safetensors")
     state = MotionState.load(tmp_path / "motion.safetensors")
     assert state.next_clip == 3 and state.latents.shape == (N, 4, 8, 8)
-    second = pipeline(portrait, vocal, clips=range(3, 6), motion_state=state, **RUN)
+    second = pipeline(portrait, vocal, clips=range(3, 6), motion_state=state, **run)
     assert whole.frames.shape == (6 * F, 64, 64, 3) and whole.frames.dtype == np.uint8
     assert np.array_equal(np.concatenate([first.frames, second.frames]), whole.frames)
     assert torch.equal(second.motion_state.latents, whole.motion_state.latents)
@@ -116,6 +119,9 @@ def test_bad_calls_are_refused(pipeline: EMOPipeline, portrait, vocal) -> None:
         pipeline(portrait[:32], vocal, clips=range(0, 1), **RUN)
     with pytest.raises(SettingsError, match="unknown scheduler"):
         pipeline(portrait, vocal, clips=range(0, 1), scheduler="nope", **RUN)
+    for strength in (0.0, -0.5, 1.5):
+        with pytest.raises(SettingsError, match="continuation strength must be above 0"):
+            pipeline(portrait, vocal, clips=range(0, 1), continuation_strength=strength, **RUN)
 
 
 @pytest.mark.parametrize("scheduler", ["dpm++", "euler", "unipc"])
@@ -144,3 +150,84 @@ def test_pndm_is_refused_for_sample_prediction(tiny_components, portrait, vocal)
     pipeline = EMOPipeline(tiny_components, TINY, config)
     with pytest.raises(SettingsError, match="pndm cannot sample"):
         pipeline(portrait, vocal, clips=range(0, 1), scheduler="pndm", steps=2)
+
+
+def test_continued_clips_hold_the_last_frame_outside_the_mouth(
+    tiny_components, portrait, vocal, monkeypatch
+) -> None:
+    """At strength 0.5 of 4 steps, clip 1's first two states are, outside the mouth, clip 0's
+    last frame (minus the reference, for a residual model) noised to their level; the mouth
+    area denoises freely throughout. Clip 0 continues nothing and is unchanged."""
+    from dataclasses import replace
+
+    pipeline = EMOPipeline(
+        tiny_components, replace(TINY, residual_to_reference=True), TINY.scheduler
+    )
+    run = {**RUN, "steps": 4}
+    noised: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []  # clean, t, result
+    states: list[torch.Tensor] = []  # what each denoising step started from
+    original = pipeline._scheduler
+
+    def spying(name: str, steps: int):
+        scheduler = original(name, steps)
+        add_noise, step = scheduler.add_noise, scheduler.step
+
+        def spy_noise(clean: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor):
+            out = add_noise(clean, noise, timesteps)
+            noised.append((clean.clone(), timesteps.clone(), out.clone()))
+            return out
+
+        def spy_step(prediction: torch.Tensor, t, sample: torch.Tensor, **kwargs):
+            states.append(sample.clone())
+            return step(prediction, t, sample, **kwargs)
+
+        scheduler.add_noise, scheduler.step = spy_noise, spy_step
+        return scheduler
+
+    monkeypatch.setattr(pipeline, "_scheduler", spying)
+    first = pipeline(portrait, vocal, clips=range(0, 1), **run)
+    assert noised == [] and len(states) == 4  # the first clip: pure noise, every step
+    states.clear()
+    pipeline(
+        portrait,
+        vocal,
+        clips=range(1, 2),
+        motion_state=first.motion_state,
+        continuation_strength=0.5,
+        **run,
+    )
+    schedule = original("ddim", 4).timesteps
+    assert [t.tolist() for _, t, _ in noised] == [[schedule[0].item()], [schedule[1].item()]]
+    assert len(states) == 4  # every step still runs
+    last = first.motion_state.latents[-1] - pipeline.encode_reference(portrait)[0]  # (C, h, w)
+    region = face.face_mask(RUN["face_box"], 64, 64)
+    mouth = torch.from_numpy(face.mouth_mask(region, 8)).bool()  # (h, w)
+    assert 0 < mouth.sum() < 64 / 2
+    for (clean, _, known), state in zip(noised, states[:2], strict=True):
+        assert torch.allclose(clean, last[None, :, None].expand_as(clean), atol=1e-6)
+        assert torch.equal(state[..., ~mouth], known[..., ~mouth])  # held outside the mouth
+        assert not torch.allclose(state[..., mouth], known[..., mouth])  # free inside
+    monkeypatch.undo()
+    plain = pipeline(portrait, vocal, clips=range(0, 1), continuation_strength=0.5, **run)
+    assert np.array_equal(plain.frames, first.frames)  # the first clip is never affected
+
+
+@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler", "unipc", "pndm"])
+def test_every_scheduler_continues_clips(
+    pipeline: EMOPipeline, portrait, vocal, scheduler: str
+) -> None:
+    run = {**RUN, "steps": 4, "scheduler": scheduler}
+    first = pipeline(portrait, vocal, clips=range(0, 1), **run)
+    after = {
+        strength: pipeline(
+            portrait,
+            vocal,
+            clips=range(1, 2),
+            motion_state=first.motion_state,
+            continuation_strength=strength,
+            **run,
+        ).motion_state.latents
+        for strength in (1.0, 0.5)
+    }
+    assert torch.isfinite(after[0.5]).all()
+    assert not torch.equal(after[0.5], after[1.0])
