@@ -218,7 +218,9 @@ def weights_export(
     if (steps is not None and steps < 1) or (guidance is not None and not guidance > 0):
         raise SettingsError("--steps must be at least 1 and --guidance positive (1 = none)")
     if continuation_strength is not None and not 0 < continuation_strength <= 1:
-        raise SettingsError("--continuation-strength must be above 0 and at most 1")
+        raise SettingsError(
+            f"--continuation-strength must be above 0 and at most 1, not {continuation_strength}"
+        )
     components, info = load_bundle(bundle)
     sampling = {
         "steps": steps,

@@ -165,7 +165,7 @@ def evaluate(
     ] = None,
     continuation_strength: Annotated[
         float | None,
-        typer.Option(help="clips after the first start from the last frame (0-1, 1 = noise)"),
+        typer.Option(help="hold clip starts to the frame before, except the mouth (1 = off)"),
     ] = None,
     seed: Annotated[int, typer.Option(help="held-out corpus seed")] = 0,
     speed_videos: Annotated[

@@ -116,7 +116,10 @@ MOUTH_OF_REGION = (0.3, 0.55, 0.7, 0.85)
 
 def mouth_mask(region: np.ndarray, size: int) -> np.ndarray:
     """(size, size) float32 mask, 1 where the mouth moves, from a face-region mask (H, W) such
-    as ``face_mask`` makes; cells the mouth area touches count whole."""
+    as ``face_mask`` makes; cells the mouth area touches count whole.
+
+    The fractions assume the whole grown region: where the frame edge clipped it (a close-up),
+    part of the real mouth may lie outside this area and be held early in the schedule."""
     rows, cols = np.nonzero(region > 0.5)
     height, width = region.shape
     if rows.size == 0:  # no region: the whole frame is the face region

@@ -94,6 +94,12 @@ def clip_seed(seed: int, clip: int) -> int:
     return int.from_bytes(digest[:8], "little") & (2**63 - 1)
 
 
+def held_states(strength: float, states: int) -> int:
+    """How many of a continued clip's ``states`` denoising states are held outside the
+    mouth: (1 - strength) of them, rounded half up (float error aside: 0.9 of 5 holds 1)."""
+    return int(np.floor((1 - strength) * states + 0.5 + 1e-9))
+
+
 def _accepts(function: Callable, argument: str) -> bool:
     return argument in inspect.signature(function).parameters
 
@@ -376,10 +382,12 @@ class EMOPipeline:
         noise = torch.randn(shape, generator=generator).to(self.device)  # (1, C, F, h, w)
         latents = noise * scheduler.init_noise_sigma
         timesteps = scheduler.timesteps
-        held = 0 if start is None else round((1 - strength) * len(timesteps))
+        held = 0 if start is None else held_states(strength, len(timesteps))
         if held:  # states 0..held-1 keep the frame continued outside the mouth
             frame, mouth = start[0][None, :, None].expand(shape), start[1]  # (1,C,F,h,w), (h,w)
             latents = torch.lerp(scheduler.add_noise(frame, noise, timesteps[:1]), latents, mouth)
+            if hasattr(scheduler, "disable_corrector"):  # UniPC would recompute held states
+                scheduler.disable_corrector = list(range(held - 1))
         for step, t in enumerate(timesteps):
             model_in = torch.cat([latents] * 2) if use_guidance else latents
             model_in = scheduler.scale_model_input(model_in, t) + face

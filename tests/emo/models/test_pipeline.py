@@ -11,7 +11,7 @@ import torch
 from emo import face
 from emo.errors import SettingsError
 from emo.models.config import TINY
-from emo.pipeline import EMOPipeline, MotionState, clip_seed
+from emo.pipeline import EMOPipeline, MotionState, clip_seed, held_states
 
 F, N = TINY.clip_frames, TINY.motion_frames
 RUN = {"seed": 11, "steps": 3, "face_box": (0.25, 0.2, 0.75, 0.8)}
@@ -231,3 +231,41 @@ def test_every_scheduler_continues_clips(
     }
     assert torch.isfinite(after[0.5]).all()
     assert not torch.equal(after[0.5], after[1.0])
+
+
+def test_held_states_round_half_up() -> None:
+    assert [held_states(s, 20) for s in (1.0, 0.7, 0.5, 0.05)] == [0, 6, 10, 19]
+    assert (held_states(0.5, 5), held_states(0.9, 5), held_states(0.5, 1)) == (3, 1, 1)
+
+
+def test_unipc_keeps_held_states(pipeline: EMOPipeline, portrait, vocal, monkeypatch) -> None:
+    """UniPC's corrector recomputes each state from the one before; on held states that would
+    undo the hold, so it is off for them: the sample a held step starts from is the one kept."""
+    run = {**RUN, "steps": 4, "scheduler": "unipc"}
+    first = pipeline(portrait, vocal, clips=range(0, 1), **run)
+    kept: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sample given, sample the step kept)
+    original = pipeline._scheduler
+
+    def spying(name: str, steps: int):
+        scheduler = original(name, steps)
+        step = scheduler.step
+
+        def spy_step(prediction: torch.Tensor, t, sample: torch.Tensor, **kwargs):
+            out = step(prediction, t, sample, **kwargs)
+            kept.append((sample.clone(), scheduler.last_sample.clone()))
+            return out
+
+        scheduler.step = spy_step
+        return scheduler
+
+    monkeypatch.setattr(pipeline, "_scheduler", spying)
+    pipeline(
+        portrait,
+        vocal,
+        clips=range(1, 2),
+        motion_state=first.motion_state,
+        continuation_strength=0.5,  # states 0 and 1 held
+        **run,
+    )
+    assert torch.equal(*kept[1])  # held state 1 kept as given
+    assert not torch.equal(*kept[2])  # free state 2: the corrector works again
