@@ -49,8 +49,10 @@ clean:
 # layers newer than a stage-3 bundle (run 3 added the audio time embedding to run 2's) and
 # copies a current bundle unchanged.
 DEMO_RUN := runs/demo-model
-# The audio guidance the bundle ships with (chosen by evaluation; see the README).
+# The audio guidance and continuation strength the bundle ships with (chosen by evaluation;
+# see the README).
 DEMO_GUIDANCE := 5.0
+DEMO_STRENGTH := 0.5
 demo-model: $(STAMP)
 	$(BIN)/emo synth -o $(DEMO_RUN)/corpus --videos 300 --seconds 8 --size 64 --seed 0
 	$(BIN)/emo prepare $(DEMO_RUN)/corpus -o $(DEMO_RUN)/data --resolution 64
@@ -67,7 +69,9 @@ demo-model: $(STAMP)
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage3-up -o $(DEMO_RUN)/stage4 --run-dir $(DEMO_RUN)/run4
 	test -f $(DEMO_RUN)/stage5/emo.json || $(BIN)/emo train --stage 3 --config recipes/demo-continue.yaml \
 	  --data $(DEMO_RUN)/data --init $(DEMO_RUN)/stage4 -o $(DEMO_RUN)/stage5 --run-dir $(DEMO_RUN)/run5
-	$(BIN)/emo eval $(DEMO_RUN)/stage5 --heldout 4 --guidance $(DEMO_GUIDANCE) --report $(DEMO_RUN)/eval.json
+	$(BIN)/emo eval $(DEMO_RUN)/stage5 --heldout 4 --guidance $(DEMO_GUIDANCE) \
+	  --continuation-strength $(DEMO_STRENGTH) --report $(DEMO_RUN)/eval.json
 	rm -rf emo/weights/demo
 	$(BIN)/emo weights export $(DEMO_RUN)/stage5 -o emo/weights/demo --recipe recipes/demo.yaml \
-	  --recipe recipes/demo-continue.yaml --eval $(DEMO_RUN)/eval.json --guidance $(DEMO_GUIDANCE)
+	  --recipe recipes/demo-continue.yaml --eval $(DEMO_RUN)/eval.json --guidance $(DEMO_GUIDANCE) \
+	  --continuation-strength $(DEMO_STRENGTH)
