@@ -127,10 +127,14 @@ def mouth_mask(region: np.ndarray, size: int) -> np.ndarray:
     top, bottom = rows.min() / height, (rows.max() + 1) / height
     left, right = cols.min() / width, (cols.max() + 1) / width
     x0, y0, x1, y1 = MOUTH_OF_REGION
+
+    def cells(start: float, end: float) -> slice:  # fractions of the frame -> touched cells
+        return slice(int(np.floor(start * size)), int(np.ceil(end * size)))
+
     mask = np.zeros((size, size), dtype=np.float32)
-    y = (int(np.floor((top + y0 * (bottom - top)) * size)), top + y1 * (bottom - top))
-    x = (int(np.floor((left + x0 * (right - left)) * size)), left + x1 * (right - left))
-    mask[y[0] : int(np.ceil(y[1] * size)), x[0] : int(np.ceil(x[1] * size))] = 1.0
+    in_rows = cells(top + y0 * (bottom - top), top + y1 * (bottom - top))
+    in_cols = cells(left + x0 * (right - left), left + x1 * (right - left))
+    mask[in_rows, in_cols] = 1.0
     return mask
 
 
