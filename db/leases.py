@@ -64,7 +64,8 @@ def take_lease(
             else f"holder {lease.owner!r} is no longer running",
         )
         lease.acquired_at = now
-        lease.gpu_slot = None  # the caller frees the old holder's slot (read it first)
+        # The old holder's GPU slot dies with its lease; the new owner takes one of its own.
+        lease.gpu_since, lease.progress_at = None, None
     else:
         record_event(session=session, actor=owner, kind="lease.reacquired", job_id=job_id)
     lease.owner, lease.heartbeat_at, lease.expires_at = owner, now, expires
@@ -102,9 +103,18 @@ def current_lease(*, session: Session, job_id: str) -> Lease | None:
 
 
 def renew_lease(
-    *, session: Session, job_id: str, owner: str, ttl_seconds: float, now: datetime | None = None
+    *,
+    session: Session,
+    job_id: str,
+    owner: str,
+    ttl_seconds: float,
+    now: datetime | None = None,
+    progress_at: datetime | None = None,
 ) -> Lease:
-    """Heartbeat: extend the lease; raises ``JobStateError`` if ``owner`` no longer holds it."""
+    """Heartbeat: extend the lease; raises ``JobStateError`` if ``owner`` no longer holds it.
+
+    ``progress_at`` is when the owner's model last progressed (kept if None).
+    """
     now = now or utcnow()
     lease = _lock_lease(session, job_id)
     if lease is None or lease.owner != owner:
@@ -113,6 +123,8 @@ def renew_lease(
         raise JobStateError(f"lease of job {job_id} is lost: held by {holder}, not {owner!r}")
     lease.heartbeat_at = now
     lease.expires_at = now + timedelta(seconds=ttl_seconds)
+    if progress_at is not None:
+        lease.progress_at = progress_at
     record_event(
         session=session,
         actor=owner,
@@ -133,20 +145,3 @@ def release_lease(*, session: Session, job_id: str, owner: str) -> bool:
     record_event(session=session, actor=owner, kind="lease.released", job_id=job_id)
     session.commit()
     return True
-
-
-def record_gpu_slot(*, session: Session, job_id: str, owner: str, slot_id: str | None) -> None:
-    """Note the GPU slot ``owner`` holds for the job; raises if it no longer holds the lease."""
-    lease = _lock_lease(session, job_id)
-    if lease is None or lease.owner != owner:
-        session.rollback()
-        raise JobStateError(f"lease of job {job_id} is lost; cannot record its GPU slot")
-    lease.gpu_slot = slot_id
-    record_event(
-        session=session,
-        actor=owner,
-        kind="lease.gpu_slot",
-        job_id=job_id,
-        detail={"slot": slot_id},
-    )
-    session.commit()

@@ -1,4 +1,4 @@
-"""SQLAlchemy 2.0 models of the job store: batches, jobs, segments, leases, events.
+"""SQLAlchemy 2.0 models of the job store: batches, jobs, segments, leases, GPU limits, events.
 
 The tables are created by the Alembic revisions in ``migrations/``, never by ``create_all``
 in application code. Timestamps are timezone-aware UTC on every backend (SQLite included).
@@ -188,8 +188,26 @@ class Lease(Base):
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    # The Prefect concurrency lease of the GPU slot the owner holds, so a takeover can free it.
+    # Unused since revision 0004 (it held a Prefect concurrency lease id); kept until a later
+    # revision drops it, so renders of the previous release keep working during an upgrade.
     gpu_slot: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Since when the owner holds a GPU slot (None: it holds none). A slot lives on the lease,
+    # so it expires with the lease and is freed when the lease is taken over.
+    gpu_since: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # When the owner last saw its model make progress (a denoising step), written by its
+    # heartbeat: renders waiting for a slot give up only when no holder progresses.
+    progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+
+class GpuLimit(Base):
+    """How many renders may hold a GPU at once, across every process sharing the database."""
+
+    __tablename__ = "gpu_limits"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    slots: Mapped[int] = mapped_column(Integer)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
+    updated_by: Mapped[str] = mapped_column(String(200))
 
 
 class Event(Base):

@@ -15,7 +15,7 @@ from db.engine import make_engine
 from db.models import Base
 from tests.services import pg_create_database, pg_drop_database
 
-TABLES = {"batches", "jobs", "segments", "leases", "events"}
+TABLES = {"batches", "jobs", "segments", "leases", "gpu_limits", "events"}
 
 
 @pytest.fixture(params=["postgresql", "sqlite"])
@@ -77,3 +77,35 @@ def test_cli_upgrade_and_downgrade(empty_db: str, monkeypatch: pytest.MonkeyPatc
     result = runner.invoke(app, ["db", "downgrade", "base"])
     assert result.exit_code == 0, result.output
     assert _tables(empty_db) == set()
+
+
+def test_upgrade_applies_the_gpu_limit_only_when_set(
+    empty_db: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deployment's migration Job is where EMO_GPU_SLOTS takes effect (renders never)."""
+    from typer.testing import CliRunner
+
+    from db.engine import session_factory
+    from db.gpu_slots import gpu_limit
+    from emo.cli import app
+    from emo.settings import get_settings
+
+    def upgrade(slots: str | None) -> str:
+        if slots is None:
+            monkeypatch.delenv("EMO_GPU_SLOTS", raising=False)
+        else:
+            monkeypatch.setenv("EMO_GPU_SLOTS", slots)
+        get_settings.cache_clear()
+        result = CliRunner().invoke(app, ["db", "upgrade"])
+        assert result.exit_code == 0, result.output
+        return result.output
+
+    monkeypatch.setenv("EMO_DATABASE_URL", empty_db)
+    assert "GPU limit" not in upgrade(None)
+    assert "GPU limit: none -> 4" in upgrade("4")
+    assert "GPU limit: 4 -> 6" in upgrade("6")
+    assert "GPU limit" not in upgrade(None)
+    engine = make_engine(empty_db)
+    with session_factory(engine)() as session:
+        assert gpu_limit(session=session) == 6
+    engine.dispose()

@@ -1,0 +1,246 @@
+"""GPU slots: how many renders hold a GPU at once, counted in the job database.
+
+A render holds a slot as a mark on its own job lease (``Lease.gpu_since``). Taking a slot
+locks the limit row (``gpu_limits``; ``FOR UPDATE`` on PostgreSQL, ``BEGIN IMMEDIATE`` on
+SQLite), counts the live holders and marks the lease only if one is free, so the limit holds
+for every process that shares the database.
+
+A slot needs nothing from the process that holds it to be given back: it lapses with its
+lease's expiry, is cleared when the lease is taken over, and is reclaimed at once when its
+holder is known to be dead (``is_dead``: a process on this host that no longer exists).
+Nothing lives in a Prefect server, so a Prefect server that restarts, or an ephemeral one that
+dies with a killed render, can neither leak a slot nor take one from a live render.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from sqlalchemy import select, update
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from db.events import record_event
+from db.models import Batch, GpuLimit, Job, Lease, utcnow
+from emo.errors import JobStateError
+
+POOL = "gpu"  # one limit for now; the column leaves room for more pools
+
+
+@dataclass(frozen=True)
+class SlotHolder:
+    """A render that holds a GPU slot."""
+
+    job_id: str
+    title: str  # batch/job, as the studio named them
+    owner: str
+    since: datetime
+    progress_at: datetime | None
+
+    def describe(self) -> str:
+        return f"{self.title} ({self.job_id[:8]})"
+
+
+@dataclass(frozen=True)
+class SlotCount:
+    """The outcome of asking for a slot: whether it was granted, the limit and the holders."""
+
+    acquired: bool
+    slots: int
+    holders: tuple[SlotHolder, ...]  # live holders (this render among them once acquired)
+
+
+def _lock_limit(session: Session, *, default_slots: int, actor: str) -> tuple[GpuLimit, bool]:
+    """The limit row, locked, and whether this call created it (with ``default_slots``)."""
+    query = select(GpuLimit).where(GpuLimit.name == POOL).with_for_update()
+    for _ in range(3):
+        row = session.scalar(query)
+        if row is not None:
+            return row, False
+        try:
+            with session.begin_nested():
+                session.add(GpuLimit(name=POOL, slots=default_slots, updated_by=actor))
+        except IntegrityError:  # another process inserted it first: read (and lock) theirs
+            continue
+        record_event(
+            session=session,
+            actor=actor,
+            kind="gpu.limit",
+            reason=f"created: {default_slots} slot(s)",
+        )
+        return session.scalar(query), True
+    raise JobStateError("the GPU limit row could not be created or read; try again")
+
+
+def _holder_rows(session: Session, *, lock: bool = False) -> list[tuple[Lease, str, str]]:
+    """Leases holding a slot, oldest first; ``lock`` locks them (in job id order, so two
+    lockers never deadlock), so a holder's heartbeat cannot renew one while it is judged."""
+    query = (
+        select(Lease, Job.name, Batch.name)
+        .join(Job, Job.id == Lease.job_id)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Lease.gpu_since.is_not(None))
+        .order_by(Lease.job_id)
+    )
+    if lock:
+        query = query.with_for_update(of=Lease)
+    rows = [(lease, job, batch) for lease, job, batch in session.execute(query)]
+    return sorted(rows, key=lambda row: row[0].gpu_since)
+
+
+def _as_holder(lease: Lease, job: str, batch: str) -> SlotHolder:
+    return SlotHolder(
+        job_id=lease.job_id,
+        title=f"{batch}/{job}",
+        owner=lease.owner,
+        since=lease.gpu_since,
+        progress_at=lease.progress_at,
+    )
+
+
+def _gone(
+    lease: Lease, now: datetime, is_dead: Callable[[str], bool], grace: timedelta
+) -> str | None:
+    """Why this holder's slot is free for others (None: it is held).
+
+    An expired lease counts as gone only ``grace`` after its expiry: a holder that cannot
+    renew stops itself at its expiry (``flows.context.JobLease``), so it is gone before its
+    slot is given to another render.
+    """
+    if lease.expires_at + grace <= now:
+        return f"lease of {lease.owner!r} expired at {lease.expires_at.isoformat()}"
+    if is_dead(lease.owner):
+        return f"holder {lease.owner!r} is no longer running"
+    return None
+
+
+def _reclaim(
+    session: Session,
+    *,
+    now: datetime,
+    is_dead: Callable[[str], bool],
+    grace: timedelta,
+    actor: str,
+) -> list[SlotHolder]:
+    """Clear the slots of expired or dead holders (in the caller's transaction); the rest.
+
+    The holders' leases are locked while judged, so none is renewed between being read as
+    expired and losing its slot.
+    """
+    live = []
+    for lease, job, batch in _holder_rows(session, lock=True):
+        reason = _gone(lease, now, is_dead, grace)
+        if reason is None:
+            live.append(_as_holder(lease, job, batch))
+            continue
+        lease.gpu_since = None
+        record_event(
+            session=session, actor=actor, kind="gpu.reclaimed", job_id=lease.job_id, reason=reason
+        )
+    return live
+
+
+def take_gpu_slot(
+    *,
+    session: Session,
+    job_id: str,
+    owner: str,
+    default_slots: int,
+    is_dead: Callable[[str], bool],
+    grace_seconds: float = 0.0,
+    now: datetime | None = None,
+) -> SlotCount:
+    """Give ``owner`` (the holder of the job's lease) a GPU slot if one is free; commits.
+
+    Slots of dead holders, and of holders whose lease expired ``grace_seconds`` ago, are
+    reclaimed first. Raises ``JobStateError`` if ``owner`` no longer holds the job's lease.
+    Asking again while holding a slot keeps it.
+
+    Locks, always in this order: the limit row (serialises every taker), this job's lease,
+    the holders' leases by job id. Heartbeats and take-overs lock one lease row each.
+    """
+    now = now or utcnow()
+    limit, _ = _lock_limit(session, default_slots=default_slots, actor=owner)
+    own = session.scalar(select(Lease).where(Lease.job_id == job_id).with_for_update())
+    if own is None or own.owner != owner:
+        session.rollback()
+        raise JobStateError(f"lease of job {job_id} is lost; cannot take a GPU slot for it")
+    grace = timedelta(seconds=grace_seconds)
+    live = _reclaim(session, now=now, is_dead=is_dead, grace=grace, actor=owner)
+    others = [h for h in live if h.job_id != job_id]
+    if own.gpu_since is None and len(others) < limit.slots:
+        own.gpu_since = own.progress_at = now
+        record_event(
+            session=session,
+            actor=owner,
+            kind="gpu.acquired",
+            job_id=job_id,
+            detail={"in_use": len(others) + 1, "slots": limit.slots},
+        )
+    acquired = own.gpu_since is not None
+    session.commit()
+    if acquired:
+        job = session.get(Job, job_id)
+        mine = SlotHolder(job_id, f"{job.batch.name}/{job.name}", owner, own.gpu_since, now)
+        return SlotCount(acquired=True, slots=limit.slots, holders=(*others, mine))
+    return SlotCount(acquired=False, slots=limit.slots, holders=tuple(others))
+
+
+def holds_gpu_slot(*, session: Session, job_id: str, owner: str) -> bool:
+    """True while ``owner`` holds the job's lease and a GPU slot on it."""
+    lease = session.get(Lease, job_id, populate_existing=True)
+    return lease is not None and lease.owner == owner and lease.gpu_since is not None
+
+
+def release_gpu_slot(*, session: Session, job_id: str, owner: str) -> bool:
+    """Give the slot back; False if ``owner`` held none (nothing changes then)."""
+    result = session.execute(
+        update(Lease)
+        .where(Lease.job_id == job_id, Lease.owner == owner, Lease.gpu_since.is_not(None))
+        .values(gpu_since=None)
+    )
+    if result.rowcount == 0:
+        session.rollback()
+        return False
+    record_event(session=session, actor=owner, kind="gpu.released", job_id=job_id)
+    session.commit()
+    return True
+
+
+def gpu_slot_holders(
+    *,
+    session: Session,
+    is_dead: Callable[[str], bool] = lambda owner: False,
+    now: datetime | None = None,
+) -> list[SlotHolder]:
+    """The renders holding a slot now, oldest first (read only: nothing is reclaimed)."""
+    now = now or utcnow()
+    return [
+        _as_holder(lease, job, batch)
+        for lease, job, batch in _holder_rows(session)
+        if _gone(lease, now, is_dead, timedelta(0)) is None
+    ]
+
+
+def gpu_limit(*, session: Session) -> int | None:
+    """The stored limit, or None before the first render created it."""
+    row = session.get(GpuLimit, POOL, populate_existing=True)
+    return None if row is None else row.slots
+
+
+def set_gpu_limit(*, session: Session, slots: int, actor: str) -> int | None:
+    """Set the limit (renders already holding slots keep them); returns the previous value,
+    None if there was none."""
+    if slots < 1:
+        raise ValueError("a GPU limit needs at least one slot")
+    row, created = _lock_limit(session, default_slots=slots, actor=actor)
+    previous = None if created else row.slots
+    if not created and previous != slots:
+        row.slots, row.updated_at, row.updated_by = slots, utcnow(), actor
+        record_event(
+            session=session, actor=actor, kind="gpu.limit", reason=f"{previous} -> {slots}"
+        )
+    session.commit()
+    return previous
