@@ -39,6 +39,9 @@ class Timeline:
     def segment(self, index: int, total: int) -> None:
         self.marks.append(time.perf_counter())
 
+    def waiting(self, message: str) -> None:
+        print(message)
+
 
 def run(label: str, env: dict[str, str], folder: Path, steps: int) -> None:
     import flows.render_track as render_module

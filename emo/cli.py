@@ -7,7 +7,6 @@ says which and how to fix it); 3 a service (object store, database) could not be
 from __future__ import annotations
 
 import json
-import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -19,7 +18,9 @@ from rich.table import Table
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
+from emo import embedded_prefect
 from emo.cli_jobs import register as register_job_commands
+from emo.cli_ops import register as register_ops_commands
 from emo.cli_training import register as register_training_commands
 from emo.errors import EmoError, SettingsError
 from emo.settings import get_settings
@@ -83,11 +84,25 @@ def plan(
 def db_upgrade(
     revision: Annotated[str, typer.Argument(help="target revision")] = "head",
 ) -> None:
-    """Create or migrate the tables of the configured database (EMO_DATABASE_URL)."""
+    """Create or migrate the tables of the configured database (EMO_DATABASE_URL); with
+    EMO_GPU_SLOTS set, also apply it as the GPU limit (the deployment's migration Job does)."""
     from db import migrate
 
     migrate.upgrade(revision=revision)
-    typer.echo(f"database at revision {migrate.current_revision()}")
+    current = migrate.current_revision()
+    typer.echo(f"database at revision {current}")
+    settings = get_settings()
+    if "gpu_slots" in settings.model_fields_set and current == migrate.head_revision():
+        from db.engine import make_engine, session_factory
+        from db.gpu_slots import set_gpu_limit
+
+        engine = make_engine(settings.resolved_database_url)
+        with session_factory(engine)() as session:
+            before = set_gpu_limit(
+                session=session, slots=settings.gpu_slots, actor="emo db upgrade"
+            )
+        engine.dispose()
+        typer.echo(f"GPU limit: {before if before is not None else 'none'} -> {settings.gpu_slots}")
 
 
 @db_app.command("downgrade")
@@ -320,22 +335,10 @@ def _fail(message: str, code: int) -> None:
     sys.exit(code)
 
 
-def _embedded_prefect(home: Path) -> None:
-    """Without a Prefect server configured, keep Prefect's files under EMO_HOME too."""
-    os.environ.setdefault("PREFECT_HOME", str(home / "prefect"))
-    Path(os.environ["PREFECT_HOME"]).mkdir(parents=True, exist_ok=True)
-
-    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-    os.environ.setdefault("PREFECT_LOGGING_LEVEL", "WARNING")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
-
-
 def main() -> None:
     """Console entry point: settings are checked first; errors print one line, no traceback."""
     try:
-        _embedded_prefect(get_settings().home)
+        embedded_prefect.configure(get_settings().home)
         app()
     except EmoError as error:
         _fail(str(error), error.exit_code)
@@ -349,6 +352,7 @@ def main() -> None:
 
 
 register_job_commands(app)
+register_ops_commands(app)
 register_training_commands(app)
 
 if __name__ == "__main__":

@@ -19,10 +19,12 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
 from emo import progress
+from emo.embedded_prefect import watch_ephemeral_servers
 from emo.errors import EmoError, NotFound, SettingsError
 from emo.settings import get_settings
 
@@ -54,6 +56,10 @@ class ClipProgress:
 
     def segment(self, index: int, total: int) -> None:
         self.bar.update(self.task, description=f"segment {index + 1}/{total}")
+
+    def waiting(self, message: str) -> None:
+        self.bar.console.print(f"[yellow]{escape(message)}[/]")
+        self.bar.update(self.task, description="waiting for a GPU slot")
 
     def __enter__(self) -> ClipProgress:
         self.bar.start()
@@ -149,6 +155,7 @@ def render(
 ) -> None:
     """Render one portrait + vocal track end to end (the same flow as a batch job)."""
     _use_weights(weights)
+    watch_ephemeral_servers()
     from flows.render_track import render_track
     from flows.submit_batch import submit_batch
 
@@ -178,6 +185,8 @@ def submit(
 ) -> None:
     """Submit a batch: validate, pre-flight, register, render (inline) or dispatch."""
     from flows.submit_batch import submit_batch
+
+    watch_ephemeral_servers()
 
     settings = get_settings()
     render_now = settings.dispatch == "inline" or wait
@@ -301,6 +310,7 @@ def resume(
     if not ids:
         console.print("nothing to resume")
         return
+    watch_ephemeral_servers()
     errors = 0
     for job_id in ids:
         try:

@@ -13,6 +13,7 @@ from typing import Protocol
 class Listener(Protocol):
     def step(self, clip: int, step: int, steps: int, total_clips: int) -> None: ...
     def segment(self, index: int, total: int) -> None: ...
+    def waiting(self, message: str) -> None: ...
 
 
 _listener: Listener | None = None
@@ -35,3 +36,9 @@ def reporter(total_clips: int) -> Callable[[int, int, int], None] | None:
 def segment_done(index: int, total: int) -> None:
     if _listener is not None:
         _listener.segment(index, total)
+
+
+def waiting(message: str) -> None:
+    """The render is waiting for something (a GPU slot); ``message`` says for what."""
+    if _listener is not None:
+        _listener.waiting(message)

@@ -49,7 +49,15 @@ class Settings(BaseSettings):
         "inline", description="render jobs as subflows, or via the render-track deployment"
     )
     render_deployment: str = Field("render-track/render-track", description="deployment name")
-    gpu_slots: int = Field(1, ge=1, le=1024, description="global limit on concurrent renders")
+    gpu_slots: int = Field(
+        1, ge=1, le=1024, description="GPU limit a new job database starts with (`emo slots`)"
+    )
+    slot_wait_seconds: float = Field(
+        600.0,
+        gt=0,
+        le=7 * 86400,
+        description="give up waiting for a GPU slot after this long without progress",
+    )
     lease_seconds: float = Field(60.0, ge=1, le=3600, description="job lease time to live")
     max_attempts: int = Field(3, ge=1, le=100, description="default attempts per job")
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
@@ -85,6 +93,12 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"EMO_SAMPLE_RATE ({self.sample_rate}) must be a multiple of EMO_FPS ({self.fps}) "
                 "so that every frame covers a whole number of audio samples"
+            )
+        if self.slot_wait_seconds < 2 * self.heartbeat_seconds:
+            raise ValueError(
+                f"EMO_SLOT_WAIT_SECONDS ({self.slot_wait_seconds:g}) must be at least two "
+                f"lease heartbeats ({2 * self.heartbeat_seconds:g} s with EMO_LEASE_SECONDS "
+                f"{self.lease_seconds:g}): renders report their progress at each heartbeat"
             )
         if self.store_url and self.store_url.startswith("s3://") and not self.s3_endpoint:
             raise ValueError("EMO_S3_ENDPOINT must be set when EMO_STORE_URL is an s3:// URL")

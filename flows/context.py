@@ -3,7 +3,7 @@
 ``JobLease`` takes a job's lease (or raises ``LeaseHeld`` naming the holder), renews it from a
 heartbeat thread while the render runs, and releases it at the end. A holder on this host
 whose process no longer exists (a killed render) is taken over at once instead of waiting
-for its lease to expire.
+for its lease to expire; the GPU slot it held lives on the lease and is freed with it.
 """
 
 from __future__ import annotations
@@ -13,20 +13,17 @@ import logging
 import os
 import socket
 import threading
+import time
 import uuid
 from dataclasses import dataclass
+from datetime import datetime
 from types import TracebackType
 
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, session_factory
-from db.leases import (
-    acquire_lease,
-    current_lease,
-    record_gpu_slot,
-    release_lease,
-    renew_lease,
-)
+from db.leases import acquire_lease, current_lease, release_lease, renew_lease
+from db.models import utcnow
 from emo.errors import EmoError, JobStateError
 from emo.settings import Settings, get_settings
 from emo.store import ObjectStore, open_store
@@ -112,14 +109,16 @@ class JobLease:
         self.owner = owner or lease_owner()
         self.lost = threading.Event()
         self.lost_reason = f"lease of job {job_id} is lost to another render"
+        self.progress_at: datetime | None = None
+        self._renewed = time.monotonic()  # when the lease last surely ran for another ttl
         self._heartbeat: Heartbeat | None = None
 
     def __enter__(self) -> JobLease:
         ttl = self.svc.settings.lease_seconds
+        self._renewed = time.monotonic()
         with self.svc.sessions() as session:
             holder = current_lease(session=session, job_id=self.job_id)
             stale = holder.owner if holder and dead_local_owner(holder.owner) else None
-            orphan = holder.gpu_slot if holder and holder.owner != self.owner else None
             lease = acquire_lease(
                 session=session,
                 job_id=self.job_id,
@@ -133,31 +132,19 @@ class JobLease:
                 raise LeaseHeld(
                     f"job {self.job_id} is being rendered by {name}; not starting a second render"
                 )
-        if orphan is not None:
-            self._free_orphaned_slot(orphan)
         self._heartbeat = Heartbeat(
             self._renew, self.svc.settings.heartbeat_seconds, f"lease-{self.job_id[:8]}"
         ).start()
         return self
 
-    @staticmethod
-    def _free_orphaned_slot(slot_id: str) -> None:
-        """The previous holder died holding a GPU slot: give it back now, not at its expiry."""
-        from flows.gpu_slot import release_gpu_slot
-
-        try:
-            release_gpu_slot(slot_id)
-            log.info("released GPU slot %s left by the previous holder", slot_id)
-        except Exception as error:  # noqa: BLE001 (it expires on its own; only slower)
-            log.warning("could not release orphaned GPU slot %s: %s", slot_id, error)
-
-    def record_gpu_slot(self, slot_id: str | None) -> None:
-        """Remember the GPU slot this render holds, so a takeover can free it."""
-        with self.svc.sessions() as session:
-            record_gpu_slot(session=session, job_id=self.job_id, owner=self.owner, slot_id=slot_id)
+    def mark_progress(self) -> None:
+        """The model progressed (a denoising step); the next heartbeat records when, so renders
+        waiting for a GPU slot can tell a working holder from a stuck one."""
+        self.progress_at = utcnow()
 
     def _renew(self) -> bool:
         """One heartbeat; False once the lease is lost (the heartbeat then stops)."""
+        started = time.monotonic()
         try:
             with self.svc.sessions() as session:
                 renew_lease(
@@ -165,7 +152,9 @@ class JobLease:
                     job_id=self.job_id,
                     owner=self.owner,
                     ttl_seconds=self.svc.settings.lease_seconds,
+                    progress_at=self.progress_at,
                 )
+            self._renewed = started
         except JobStateError as error:
             log.error("%s; stopping after this step", error)
             self.lost_reason = str(error)
@@ -176,8 +165,21 @@ class JobLease:
         return True
 
     def check(self) -> None:
-        """Raise if the lease was lost (another render took the job over)."""
+        """Raise if the lease was lost (another render took the job over), or has surely
+        expired because no heartbeat got through for its whole time to live (the database
+        was unreachable): another render may take the job and its GPU slot from then on.
+
+        Cheap (no database round trip): the render calls it at every denoising step.
+        """
         if self.lost.is_set():
+            raise LeaseHeld(self.lost_reason)
+        ttl = self.svc.settings.lease_seconds
+        if time.monotonic() - self._renewed > ttl:
+            self.lost_reason = (
+                f"lease of job {self.job_id} could not be renewed for {ttl:.0f} s "
+                "(database unreachable); stopped so that another render can resume the job"
+            )
+            self.lost.set()
             raise LeaseHeld(self.lost_reason)
 
     def verify(self) -> None:

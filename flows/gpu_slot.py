@@ -1,125 +1,145 @@
-"""One slot of the Prefect global concurrency limit that caps simultaneous GPU renders.
+"""Waiting for a GPU slot: visibly, and for a bounded time.
 
-Prefect's own ``concurrency`` context manager hides the id of the lease it takes, so a render
-that is killed leaves its slot occupied until the lease expires (five minutes by default),
-and a resumed render waits for it. ``GpuSlot`` takes the slot through the same API but keeps
-the lease id, which the render records on its job lease; whoever takes the job over releases
-the orphaned slot at once (see ``flows.context.JobLease``).
+The slots themselves are counted in the job database (``db.gpu_slots``), on the renders' job
+leases: a slot whose holder died is reclaimed without it (lease expiry, take-over, or a dead
+process on this host), whether the Prefect server that ran the holder is still up or not.
+
+``GpuSlot`` asks for a slot until one is free. While it waits it says so, naming the holders
+("waiting for a GPU slot (1 of 1 in use: jobs batch/job (1a2b3c4d))"), on the CLI and in the
+flow run's log, and again whenever the holders change. It gives up with that message after
+``EMO_SLOT_WAIT_SECONDS`` without progress: no holder finished, started or took a denoising
+step (holders report their last step through their lease heartbeat).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Callable
+from datetime import datetime
 from types import TracebackType
-from uuid import UUID
 
-import httpx
-from prefect.client.orchestration import get_client
-
+from db.gpu_slots import SlotCount, holds_gpu_slot, release_gpu_slot, take_gpu_slot
+from emo import progress
 from emo.errors import EmoError
-from flows.heartbeat import Heartbeat
+from flows.context import JobLease, Services, dead_local_owner
 
 log = logging.getLogger(__name__)
-
-GPU_LIMIT = "emo-gpu"
-MIN_LEASE_SECONDS = 60.0  # the Prefect server refuses shorter concurrency leases
-LOCKED = 423
-
-
-def ensure_gpu_limit(slots: int) -> None:
-    """Create or resize the global concurrency limit to ``slots`` (EMO_GPU_SLOTS)."""
-    with get_client(sync_client=True) as client:
-        client.upsert_global_concurrency_limit_by_name(GPU_LIMIT, slots)
-
-
-def release_gpu_slot(slot_id: str) -> None:
-    """Release a slot lease by id (the server ignores leases it no longer has)."""
-    with get_client(sync_client=True) as client:
-        client.release_concurrency_slots_with_lease(UUID(slot_id))
+POLL_SECONDS = 2.0
 
 
 class GpuSlotLost(EmoError):
-    """The slot's lease expired while the render still ran."""
+    """The render's slot was reclaimed (its lease lapsed while the database was unreachable)."""
+
+
+class GpuSlotTimeout(EmoError):
+    """No slot became free, and no holder progressed, for EMO_SLOT_WAIT_SECONDS."""
+
+
+def waiting_message(count: SlotCount) -> str:
+    """What a waiting render says: the limit and who holds the slots."""
+    jobs = ", ".join(h.describe() for h in count.holders) or "none known"
+    return f"waiting for a GPU slot ({len(count.holders)} of {count.slots} in use: jobs {jobs})"
+
+
+def _run_logger() -> logging.Logger | logging.LoggerAdapter:
+    """The flow run's logger (shown in the Prefect UI), or this module's outside a run."""
+    from prefect.exceptions import MissingContextError
+    from prefect.logging import get_run_logger
+
+    try:
+        return get_run_logger()
+    except MissingContextError:
+        return log
+
+
+def _progress_mark(count: SlotCount) -> tuple[frozenset[tuple[str, str, datetime]], datetime]:
+    """Changes whenever a holder comes or goes or reports a newer denoising step."""
+    holders = frozenset((h.job_id, h.owner, h.since) for h in count.holders)
+    latest = max((h.progress_at or h.since for h in count.holders), default=datetime.min)
+    return holders, latest
 
 
 class GpuSlot:
-    """Context manager: wait for a GPU slot, renew its lease while held, release it at exit."""
+    """Context manager: wait for a GPU slot for the job's lease holder; free it at exit.
+
+    ``grace_seconds``: how long after its lease's expiry a silent holder's slot is taken (it
+    stops itself at the expiry). ``on_wait`` runs before every request and may raise to stop
+    waiting (a cancelled job).
+    """
 
     def __init__(
         self,
+        svc: Services,
+        lease: JobLease,
         *,
-        lease_seconds: float,
-        on_acquired: Callable[[str], None] | None = None,
-        waiting: Callable[[], None] | None = None,
+        wait_seconds: float,
+        grace_seconds: float = 0.0,
+        on_wait: Callable[[], None] = lambda: None,
+        poll_seconds: float = POLL_SECONDS,
     ) -> None:
-        self.lease_seconds = max(MIN_LEASE_SECONDS, lease_seconds)
-        self.on_acquired, self.waiting = on_acquired, waiting
-        self.slot_id: str | None = None
-        self.lost = threading.Event()
-        self._heartbeat: Heartbeat | None = None
+        self.svc, self.lease = svc, lease
+        self.wait_seconds, self.grace_seconds = wait_seconds, grace_seconds
+        self.on_wait, self.poll_seconds = on_wait, poll_seconds
+        self.held = False
 
-    def _try_acquire(self, client) -> tuple[str | None, float]:  # noqa: ANN001 (Prefect client)
-        """(lease id, 0) when acquired, else (None, seconds to wait before asking again)."""
-        try:
-            response = client.increment_concurrency_slots_with_lease(
-                names=[GPU_LIMIT], slots=1, mode="concurrency", lease_duration=self.lease_seconds
+    def _ask(self) -> SlotCount:
+        with self.svc.sessions() as session:
+            return take_gpu_slot(
+                session=session,
+                job_id=self.lease.job_id,
+                owner=self.lease.owner,
+                default_slots=self.svc.settings.gpu_slots,
+                is_dead=dead_local_owner,
+                grace_seconds=self.grace_seconds,
             )
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code != LOCKED:
-                raise
-            return None, min(5.0, float(error.response.headers.get("Retry-After", 1.0)))
-        return str(response.json()["lease_id"]), 0.0
 
     def __enter__(self) -> GpuSlot:
-        announced = False
-        with get_client(sync_client=True) as client:
-            while True:
-                slot_id, pause = self._try_acquire(client)
-                if slot_id is not None:
-                    break
-                if not announced:
-                    log.info("all %s slots are busy; waiting for one", GPU_LIMIT)
-                    announced = True
-                if self.waiting is not None:
-                    self.waiting()
-                time.sleep(pause)
-        self.slot_id = slot_id
-        if self.on_acquired is not None:
-            try:
-                self.on_acquired(slot_id)
-            except BaseException:
-                release_gpu_slot(slot_id)
-                raise
-        self._heartbeat = Heartbeat(
-            lambda: self._renew(slot_id), self.lease_seconds / 3, "gpu-slot"
-        ).start()
+        mark, since = None, time.monotonic()
+        while True:
+            self.lease.check()
+            self.on_wait()  # e.g. the job was cancelled meanwhile: stop waiting
+            count = self._ask()
+            if count.acquired:
+                break
+            message = waiting_message(count)
+            new_mark = _progress_mark(count)
+            if mark is None or new_mark[0] != mark[0]:  # first time, or other holders
+                _run_logger().warning(message)
+                progress.waiting(message)
+            if new_mark != mark:
+                mark, since = new_mark, time.monotonic()
+            elif time.monotonic() - since >= self.wait_seconds:
+                raise GpuSlotTimeout(
+                    f"gave up after {self.wait_seconds:.0f} s without progress "
+                    f"(EMO_SLOT_WAIT_SECONDS) {message}; resume the job once a slot is free, "
+                    "or see the holders with `emo slots`"
+                )
+            time.sleep(self.poll_seconds)
+        self.held = True
+        self._check_setting(count.slots)
         return self
 
-    def _renew(self, slot_id: str) -> bool:
-        """One renewal; False once the slot has expired (the heartbeat then stops)."""
-        try:
-            with get_client(sync_client=True) as client:
-                client.renew_concurrency_lease(UUID(slot_id), self.lease_seconds)
-        except httpx.HTTPStatusError as error:
-            if error.response.status_code in (404, 410):  # expired: the slot is gone
-                log.error("GPU slot %s expired before it was renewed", slot_id)
-                self.lost.set()
-                return False
-            log.warning("renewing GPU slot %s failed: %s", slot_id, error)
-        except Exception as error:  # noqa: BLE001 (a blip: the next renewal retries)
-            log.warning("renewing GPU slot %s failed: %s", slot_id, error)
-        return True
+    def _check_setting(self, stored: int) -> None:
+        settings = self.svc.settings
+        if "gpu_slots" in settings.model_fields_set and settings.gpu_slots != stored:
+            _run_logger().warning(
+                "EMO_GPU_SLOTS=%d is not applied: the job database's limit is %d; "
+                "change it with `emo slots --set %d`",
+                settings.gpu_slots,
+                stored,
+                settings.gpu_slots,
+            )
 
     def check(self) -> None:
-        """Raise if the slot expired (the Prefect API was unreachable for a whole lease):
-        another render may have been given this GPU, so this one must stop."""
-        if self.lost.is_set():
+        """Raise ``GpuSlotLost`` if the slot was reclaimed: another render may have this GPU."""
+        with self.svc.sessions() as session:
+            held = holds_gpu_slot(session=session, job_id=self.lease.job_id, owner=self.lease.owner)
+        if not held:
             raise GpuSlotLost(
-                f"GPU slot {self.slot_id} expired while the Prefect API was unreachable; "
-                "resume the job to continue from its last checkpoint"
+                f"the GPU slot of job {self.lease.job_id} was reclaimed (its lease lapsed while "
+                "the database was unreachable); resume the job to continue from its last "
+                "checkpoint"
             )
 
     def __exit__(
@@ -128,10 +148,10 @@ class GpuSlot:
         error: BaseException | None,
         trace: TracebackType | None,
     ) -> None:
-        if self._heartbeat is not None:
-            self._heartbeat.stop()
-        if self.slot_id is not None:
-            try:
-                release_gpu_slot(self.slot_id)
-            except Exception as failure:  # noqa: BLE001 (never mask the render's own outcome)
-                log.warning("releasing GPU slot %s failed: %s", self.slot_id, failure)
+        if not self.held:
+            return
+        try:
+            with self.svc.sessions() as session:
+                release_gpu_slot(session=session, job_id=self.lease.job_id, owner=self.lease.owner)
+        except Exception as failure:  # noqa: BLE001 (never mask the render's own outcome)
+            log.warning("releasing the GPU slot of job %s failed: %s", self.lease.job_id, failure)

@@ -54,7 +54,7 @@ from emo.store.checkpoint import (
     write_segment_checkpoint,
 )
 from flows.context import JobLease, LeaseHeld, Services, services
-from flows.gpu_slot import GpuSlot, ensure_gpu_limit
+from flows.gpu_slot import GpuSlot
 from flows.versions import software_versions
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def render_segment_task(
             inputs.scratch / f"motion-in-{segment.index:05d}.safetensors",
         )
         motion = MotionState.load(path)
-    frames, state = _render(pipeline, inputs, plan, segment, params, motion)
+    frames, state = _render(pipeline, inputs, plan, segment, params, motion, lease)
     video = inputs.scratch / f"segment-{segment.index:05d}.mp4"
     with media.VideoWriter(
         video, width=frames.shape[2], height=frames.shape[1], fps=svc.settings.fps
@@ -236,7 +236,15 @@ def _render(
     segment: PlannedSegment,
     params: JobParams,
     motion: MotionState | None,
+    lease: JobLease,
 ):
+    report = progress.reporter(plan.total_clips)
+
+    def on_step(clip: int, step: int, steps: int) -> None:
+        lease.check()  # stop between steps, not after the segment, once the lease is gone
+        lease.mark_progress()
+        if report is not None:
+            report(clip, step, steps)
 
     return render_segment(
         pipeline,
@@ -248,7 +256,7 @@ def _render(
         segment=segment,
         params=params,
         motion_state=motion,
-        callback=progress.reporter(plan.total_clips),
+        callback=on_step,
     )
 
 
@@ -401,7 +409,6 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
     """Render one job; safe to run again (it resumes from the last verified segment)."""
     svc = services()
     started = time.perf_counter()
-    ensure_gpu_limit(svc.settings.gpu_slots)
     with JobLease(svc, job_id) as lease:
         with svc.sessions() as session:
             job = begin_run(session=session, job_id=job_id, actor=lease.owner)
@@ -445,12 +452,13 @@ def _render_job(
     started: float,
 ) -> dict[str, Any]:
     # One GPU slot for the whole job, taken before the model is loaded onto the device: the
-    # render holds its device from first to last segment (acquiring per segment cost about a
-    # second each on the Prefect API).
+    # render holds its device from first to last segment.
     slot = GpuSlot(
-        lease_seconds=svc.settings.lease_seconds,
-        on_acquired=lease.record_gpu_slot,
-        waiting=lease.check,
+        svc,
+        lease,
+        wait_seconds=svc.settings.slot_wait_seconds,
+        grace_seconds=svc.settings.heartbeat_seconds,
+        on_wait=lambda: _check_cancelled(svc, job_id),
     )
     with slot:
         work = _render_segments(svc, lease, slot, job_id, f"{batch_name}/{name}", options)
@@ -480,6 +488,7 @@ def _render_segments(
 ) -> RenderedSegments:
     """Load the model and inputs, then render (or resume) every segment in order."""
     pipeline = load_model(svc)
+    lease.mark_progress()  # work done while holding the slot counts as progress to waiters
     config = pipeline.config
     params = resolve_params(
         options,
@@ -497,6 +506,7 @@ def _render_segments(
     rendered = 0
     weights_sha256 = pipeline.bundle.sha256 if pipeline.bundle else None
     for segment in plan.segments:
+        lease.mark_progress()
         lease.verify()
         slot.check()
         _check_cancelled(svc, job_id)

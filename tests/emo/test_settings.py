@@ -46,6 +46,8 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
         ("EMO_STORE_URL", "s3://bucket/prefix", "EMO_S3_ENDPOINT"),
         ("EMO_SAMPLE_RATE", "16001", "EMO_SAMPLE_RATE"),
         ("EMO_S3_SECURE", "maybe", "EMO_S3_SECURE"),
+        ("EMO_SLOT_WAIT_SECONDS", "0", "EMO_SLOT_WAIT_SECONDS"),
+        ("EMO_SLOT_WAIT_SECONDS", "30", r"EMO_SLOT_WAIT_SECONDS \(30\) must be at least two"),
     ],
 )
 def test_invalid_value_names_the_variable(

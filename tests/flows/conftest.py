@@ -139,3 +139,21 @@ def manifest(path: Path, studio: Studio, names: list[str], **options) -> Path:
 def environment(studio: Studio, api_url: str) -> dict[str, str]:
     """Environment for an `emo` subprocess that shares this test's services."""
     return {**os.environ, **studio.env, "PREFECT_API_URL": api_url}
+
+
+def hold_gpu_slot(studio: Studio, job_id: str, owner: str) -> None:
+    """Make ``owner`` hold the job's lease (for an hour) and a GPU slot (limit 1), as a render
+    on another host, or a killed one on this host, leaves them in the job database."""
+    from db.engine import make_engine, session_factory
+    from db.gpu_slots import take_gpu_slot
+    from db.leases import acquire_lease
+
+    with session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))() as session:
+        assert acquire_lease(session=session, job_id=job_id, owner=owner, ttl_seconds=3600)
+        assert take_gpu_slot(
+            session=session,
+            job_id=job_id,
+            owner=owner,
+            default_slots=1,
+            is_dead=lambda owner: False,
+        ).acquired

@@ -1,0 +1,58 @@
+"""``emo slots``: operations commands for whoever runs the render farm.
+
+(``serve`` and ``deploy`` still live in ``emo.cli_jobs``; they belong here too.)
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console(soft_wrap=True)
+
+
+def _ago(moment: datetime | None, now: datetime) -> str:
+    return "-" if moment is None else f"{(now - moment).total_seconds():.0f} s ago"
+
+
+def slots(
+    set_to: Annotated[
+        int | None,
+        typer.Option("--set", min=1, max=1024, help="change the limit (takes effect at once)"),
+    ] = None,
+) -> None:
+    """Show the GPU limit and the renders holding slots; --set N changes the limit for every
+    process that shares the job database (EMO_GPU_SLOTS seeds a new database, and `emo db
+    upgrade` applies it)."""
+    from db.gpu_slots import gpu_limit, gpu_slot_holders, set_gpu_limit
+    from db.models import utcnow
+    from flows.context import ACTOR, dead_local_owner, services
+
+    with services().sessions() as session:
+        if set_to is not None:
+            previous = set_gpu_limit(session=session, slots=set_to, actor=f"{ACTOR} slots")
+            console.print(f"GPU limit: {previous if previous is not None else 'none'} -> {set_to}")
+        limit = gpu_limit(session=session)
+        holders = gpu_slot_holders(session=session, is_dead=dead_local_owner)
+    if limit is None:
+        console.print("GPU limit: not set yet (the first render sets EMO_GPU_SLOTS)")
+        return
+    console.print(f"GPU slots: {len(holders)} of {limit} in use")
+    if not holders:
+        return
+    now = utcnow()
+    table = Table()
+    for column in ("job", "id", "holder", "since", "last progress"):
+        table.add_column(column)
+    for h in holders:
+        table.add_row(h.title, h.job_id[:12], h.owner, _ago(h.since, now), _ago(h.progress_at, now))
+    console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    """Add these commands to the ``emo`` app."""
+    app.command()(slots)

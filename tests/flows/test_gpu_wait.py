@@ -1,0 +1,137 @@
+"""Waiting for a GPU slot is visible and bounded; slots of dead holders are reclaimed.
+
+The holders here are leases written into the real job database (PostgreSQL) by the test, as a
+render on another workstation ("farm-7") or a killed one on this host would leave them.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import select
+from typer.testing import CliRunner
+
+from db.engine import make_engine, session_factory
+from db.gpu_slots import gpu_slot_holders, release_gpu_slot
+from db.leases import renew_lease
+from db.models import Event, Job, JobStatus, utcnow
+from emo.cli import app
+from flows.context import lease_owner
+from flows.render_track import render_track
+from flows.submit_batch import submit_batch
+from tests.flows.conftest import Studio, clear_caches, hold_gpu_slot, manifest
+
+FARM_OWNER = "farm-7:4242:0a1b2c3d"  # a render on another host: never presumed dead
+
+
+def _jobs(studio: Studio, tmp_path: Path, names: list[str]) -> dict[str, str]:
+    path = manifest(tmp_path / "slots.yaml", studio, names, steps=2)
+    return submit_batch(manifest=str(path), render=False)["jobs"]
+
+
+def _sessions(studio: Studio):
+    return session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))
+
+
+@pytest.fixture
+def held(studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
+    """Jobs "holder" and "waiter": the holder (on another host) has the only GPU slot, and
+    renders give up after 5 s without progress (the least the studio's 6 s leases allow)."""
+    jobs = _jobs(studio, tmp_path, ["holder", "waiter"])
+    hold_gpu_slot(studio, jobs["holder"], FARM_OWNER)
+    monkeypatch.setenv("EMO_SLOT_WAIT_SECONDS", "5")
+    clear_caches()
+    return jobs
+
+
+def test_a_waiting_render_names_the_holders_and_gives_up(
+    studio: Studio, held: dict[str, str]
+) -> None:
+    jobs = held
+    started = time.monotonic()
+    result = CliRunner().invoke(app, ["resume", jobs["waiter"]])
+    waited = time.monotonic() - started
+    message = f"waiting for a GPU slot (1 of 1 in use: jobs slots/holder ({jobs['holder'][:8]}))"
+    assert result.exit_code == 1, result.output
+    assert message in result.output
+    assert "gave up after 5 s without progress (EMO_SLOT_WAIT_SECONDS)" in result.output
+    assert 5 <= waited < 30
+    with _sessions(studio)() as session:
+        job = session.get(Job, jobs["waiter"])
+        assert job.status is JobStatus.FAILED and message in job.error
+        # The holder still holds its slot; the waiter left nothing behind.
+        assert [h.job_id for h in gpu_slot_holders(session=session)] == [jobs["holder"]]
+
+
+def test_a_holder_that_progresses_keeps_a_render_waiting_until_it_frees_the_slot(
+    studio: Studio, held: dict[str, str]
+) -> None:
+    jobs = held
+    busy_seconds = 12.0  # well past the waiter's 5 s: only the holder's progress keeps it
+
+    def holder_renders_then_finishes() -> None:
+        with _sessions(studio)() as session:
+            deadline = time.monotonic() + busy_seconds
+            while time.monotonic() < deadline:
+                renew_lease(
+                    session=session,
+                    job_id=jobs["holder"],
+                    owner=FARM_OWNER,
+                    ttl_seconds=3600,
+                    progress_at=utcnow(),
+                )
+                time.sleep(1.0)
+            release_gpu_slot(session=session, job_id=jobs["holder"], owner=FARM_OWNER)
+
+    holder = threading.Thread(target=holder_renders_then_finishes)
+    started = time.monotonic()
+    holder.start()
+    try:
+        outcome = render_track(job_id=jobs["waiter"])
+    finally:
+        holder.join()
+    assert outcome["status"] == "succeeded"
+    assert time.monotonic() - started >= busy_seconds
+
+
+def test_a_dead_holder_on_this_host_frees_its_slot_at_once(studio: Studio, tmp_path: Path) -> None:
+    """A killed render of another job (its process gone) blocks no one, though its lease has
+    an hour to run."""
+    jobs = _jobs(studio, tmp_path, ["killed", "next"])
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    host, _, rest = lease_owner().split(":", 2)
+    hold_gpu_slot(studio, jobs["killed"], f"{host}:{child.pid}:{rest}")
+
+    started = time.monotonic()
+    assert render_track(job_id=jobs["next"])["status"] == "succeeded"
+    assert time.monotonic() - started < 60  # far from the hour the dead holder's lease had
+    with _sessions(studio)() as session:
+        reclaimed = session.scalar(
+            select(Event).where(Event.kind == "gpu.reclaimed", Event.job_id == jobs["killed"])
+        )
+        assert reclaimed is not None and "no longer running" in reclaimed.reason
+        assert gpu_slot_holders(session=session) == []
+
+
+def test_emo_slots_shows_the_holders_and_sets_the_limit(studio: Studio, tmp_path: Path) -> None:
+    jobs = _jobs(studio, tmp_path, ["holder"])
+    runner = CliRunner()
+    assert "not set yet" in runner.invoke(app, ["slots"]).output
+    hold_gpu_slot(studio, jobs["holder"], FARM_OWNER)
+
+    shown = runner.invoke(app, ["slots"])
+    assert shown.exit_code == 0, shown.output
+    assert "GPU slots: 1 of 1 in use" in shown.output
+    assert "slots/holder" in shown.output and FARM_OWNER in shown.output
+
+    changed = runner.invoke(app, ["slots", "--set", "3"])
+    assert changed.exit_code == 0, changed.output
+    assert "GPU limit: 1 -> 3" in changed.output and "1 of 3 in use" in changed.output
+    refused = runner.invoke(app, ["slots", "--set", "0"])
+    assert refused.exit_code == 2 and "--set" in refused.output
