@@ -92,7 +92,9 @@ def db_upgrade(
     current = migrate.current_revision()
     typer.echo(f"database at revision {current}")
     settings = get_settings()
-    if "gpu_slots" in settings.model_fields_set and current == migrate.head_revision():
+    if "gpu_slots" in settings.model_fields_set and current != migrate.head_revision():
+        typer.echo("EMO_GPU_SLOTS not applied: the GPU limit needs the newest revision")
+    elif "gpu_slots" in settings.model_fields_set:
         from db.engine import make_engine, session_factory
         from db.gpu_slots import set_gpu_limit
 

@@ -21,6 +21,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from emo.errors import SettingsError
 
 ENV_PREFIX = "EMO_"
+SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
 
 
 class Settings(BaseSettings):
@@ -94,10 +95,11 @@ class Settings(BaseSettings):
                 f"EMO_SAMPLE_RATE ({self.sample_rate}) must be a multiple of EMO_FPS ({self.fps}) "
                 "so that every frame covers a whole number of audio samples"
             )
-        if self.slot_wait_seconds < 2 * self.heartbeat_seconds:
+        least_wait = 2 * self.heartbeat_seconds + SLOT_POLL_SECONDS
+        if self.slot_wait_seconds < least_wait:
             raise ValueError(
                 f"EMO_SLOT_WAIT_SECONDS ({self.slot_wait_seconds:g}) must be at least two "
-                f"lease heartbeats ({2 * self.heartbeat_seconds:g} s with EMO_LEASE_SECONDS "
+                f"lease heartbeats and a poll ({least_wait:g} s with EMO_LEASE_SECONDS "
                 f"{self.lease_seconds:g}): renders report their progress at each heartbeat"
             )
         if self.store_url and self.store_url.startswith("s3://") and not self.s3_endpoint:

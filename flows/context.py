@@ -110,6 +110,7 @@ class JobLease:
         self.lost = threading.Event()
         self.lost_reason = f"lease of job {job_id} is lost to another render"
         self.progress_at: datetime | None = None
+        self.gpu_held = False  # set by GpuSlot while this render holds a GPU slot
         self._renewed = time.monotonic()  # when the lease last surely ran for another ttl
         self._heartbeat: Heartbeat | None = None
 
@@ -144,15 +145,22 @@ class JobLease:
 
     def _renew(self) -> bool:
         """One heartbeat; False once the lease is lost (the heartbeat then stops)."""
+        if self.lost.is_set():
+            return False
         started = time.monotonic()
         try:
             with self.svc.sessions() as session:
-                renew_lease(
+                lease = renew_lease(
                     session=session,
                     job_id=self.job_id,
                     owner=self.owner,
                     ttl_seconds=self.svc.settings.lease_seconds,
                     progress_at=self.progress_at,
+                )
+            if self.gpu_held and lease.gpu_since is None:
+                raise JobStateError(
+                    f"the GPU slot of job {self.job_id} was given to another render while "
+                    "this one could not renew its lease"
                 )
             self._renewed = started
         except JobStateError as error:
@@ -190,13 +198,17 @@ class JobLease:
         overwriting the state of the render that took the job over.
         """
         self.check()
-        with self.svc.sessions() as session:
-            holder = current_lease(session=session, job_id=self.job_id)
-        if holder is None or holder.owner != self.owner:
-            name = repr(holder.owner) if holder else "nobody"
-            self.lost_reason = f"lease of job {self.job_id} is lost: held by {name}"
+        holder = self.holder()
+        if holder != self.owner:
+            self.lost_reason = f"lease of job {self.job_id} is lost: held by {holder!r}"
             self.lost.set()
             raise LeaseHeld(self.lost_reason)
+
+    def holder(self) -> str | None:
+        """Who the database says holds the job's lease now (None: nobody)."""
+        with self.svc.sessions() as session:
+            lease = current_lease(session=session, job_id=self.job_id)
+        return lease.owner if lease is not None else None
 
     def __exit__(
         self,

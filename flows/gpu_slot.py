@@ -22,10 +22,11 @@ from types import TracebackType
 from db.gpu_slots import SlotCount, holds_gpu_slot, release_gpu_slot, take_gpu_slot
 from emo import progress
 from emo.errors import EmoError
+from emo.settings import SLOT_POLL_SECONDS
 from flows.context import JobLease, Services, dead_local_owner
 
 log = logging.getLogger(__name__)
-POLL_SECONDS = 2.0
+POLL_SECONDS = SLOT_POLL_SECONDS
 
 
 class GpuSlotLost(EmoError):
@@ -116,7 +117,7 @@ class GpuSlot:
                     "or see the holders with `emo slots`"
                 )
             time.sleep(self.poll_seconds)
-        self.held = True
+        self.held = self.lease.gpu_held = True
         self._check_setting(count.slots)
         return self
 
@@ -124,11 +125,11 @@ class GpuSlot:
         settings = self.svc.settings
         if "gpu_slots" in settings.model_fields_set and settings.gpu_slots != stored:
             _run_logger().warning(
-                "EMO_GPU_SLOTS=%d is not applied: the job database's limit is %d; "
-                "change it with `emo slots --set %d`",
+                "EMO_GPU_SLOTS=%d differs from the job database's GPU limit, %d, which "
+                "applies (renders never change it; `emo db upgrade` with EMO_GPU_SLOTS set, "
+                "or `emo slots --set N`, do)",
                 settings.gpu_slots,
                 stored,
-                settings.gpu_slots,
             )
 
     def check(self) -> None:
@@ -150,6 +151,7 @@ class GpuSlot:
     ) -> None:
         if not self.held:
             return
+        self.lease.gpu_held = False
         try:
             with self.svc.sessions() as session:
                 release_gpu_slot(session=session, job_id=self.lease.job_id, owner=self.lease.owner)

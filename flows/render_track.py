@@ -53,7 +53,7 @@ from emo.store.checkpoint import (
     read_segment_checkpoint,
     write_segment_checkpoint,
 )
-from flows.context import JobLease, LeaseHeld, Services, services
+from flows.context import JobLease, Services, services
 from flows.gpu_slot import GpuSlot
 from flows.versions import software_versions
 
@@ -426,8 +426,11 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
 def _mark_failed(svc: Services, lease: JobLease, job_id: str, error: BaseException) -> None:
     """Record the failure, unless the job now belongs to another render (lease lost)."""
     try:
-        lease.verify()
-    except LeaseHeld:
+        holder = lease.holder()  # the database decides, even if this render stopped itself
+    except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)
+        log.error("job %s: cannot record its failure (%s); it stays running", job_id, failure)
+        return
+    if holder != lease.owner:
         log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
         return
     with svc.sessions() as session:

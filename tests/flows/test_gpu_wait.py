@@ -41,10 +41,10 @@ def _sessions(studio: Studio):
 @pytest.fixture
 def held(studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> dict[str, str]:
     """Jobs "holder" and "waiter": the holder (on another host) has the only GPU slot, and
-    renders give up after 5 s without progress (the least the studio's 6 s leases allow)."""
+    renders give up after 6 s without progress (the least the studio's 6 s leases allow)."""
     jobs = _jobs(studio, tmp_path, ["holder", "waiter"])
     hold_gpu_slot(studio, jobs["holder"], FARM_OWNER)
-    monkeypatch.setenv("EMO_SLOT_WAIT_SECONDS", "5")
+    monkeypatch.setenv("EMO_SLOT_WAIT_SECONDS", "6")
     clear_caches()
     return jobs
 
@@ -59,8 +59,8 @@ def test_a_waiting_render_names_the_holders_and_gives_up(
     message = f"waiting for a GPU slot (1 of 1 in use: jobs slots/holder ({jobs['holder'][:8]}))"
     assert result.exit_code == 1, result.output
     assert message in result.output
-    assert "gave up after 5 s without progress (EMO_SLOT_WAIT_SECONDS)" in result.output
-    assert 5 <= waited < 30
+    assert "gave up after 6 s without progress (EMO_SLOT_WAIT_SECONDS)" in result.output
+    assert 6 <= waited < 30
     with _sessions(studio)() as session:
         job = session.get(Job, jobs["waiter"])
         assert job.status is JobStatus.FAILED and message in job.error
@@ -72,7 +72,7 @@ def test_a_holder_that_progresses_keeps_a_render_waiting_until_it_frees_the_slot
     studio: Studio, held: dict[str, str]
 ) -> None:
     jobs = held
-    busy_seconds = 12.0  # well past the waiter's 5 s: only the holder's progress keeps it
+    busy_seconds = 14.0  # well past the waiter's 6 s: only the holder's progress keeps it
 
     def holder_renders_then_finishes() -> None:
         with _sessions(studio)() as session:
@@ -135,3 +135,27 @@ def test_emo_slots_shows_the_holders_and_sets_the_limit(studio: Studio, tmp_path
     assert "GPU limit: 1 -> 3" in changed.output and "1 of 3 in use" in changed.output
     refused = runner.invoke(app, ["slots", "--set", "0"])
     assert refused.exit_code == 2 and "--set" in refused.output
+
+
+def test_a_render_whose_slot_was_given_away_stops(studio: Studio, tmp_path: Path) -> None:
+    """Its lease lapsed (a closed laptop lid, a database outage) and a waiting render took the
+    slot: the next heartbeat notices, and the render stops at its next check."""
+    from sqlalchemy import update
+
+    from db.models import Lease
+    from flows.context import JobLease, LeaseHeld, services
+    from flows.gpu_slot import GpuSlot
+
+    jobs = _jobs(studio, tmp_path, ["lidded"])
+    svc = services()
+    with JobLease(svc, jobs["lidded"]) as lease, GpuSlot(svc, lease, wait_seconds=60):
+        lease.check()
+        with _sessions(studio)() as session:  # what the waiter's reclaim wrote
+            session.execute(update(Lease).values(gpu_since=None))
+            session.commit()
+        deadline = time.monotonic() + 5 * svc.settings.heartbeat_seconds
+        while not lease.lost.is_set():
+            assert time.monotonic() < deadline, "the heartbeat did not notice"
+            time.sleep(0.2)
+        with pytest.raises(LeaseHeld, match="was given to another render"):
+            lease.check()
