@@ -137,6 +137,7 @@ class GpuSlot:
         with self.svc.sessions() as session:
             held = holds_gpu_slot(session=session, job_id=self.lease.job_id, owner=self.lease.owner)
         if not held:
+            self.lease.verify()  # taken over: that is the reason, and LeaseHeld names who
             raise GpuSlotLost(
                 f"the GPU slot of job {self.lease.job_id} was reclaimed (its lease lapsed while "
                 "the database was unreachable); resume the job to continue from its last "
