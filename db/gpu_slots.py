@@ -188,12 +188,6 @@ def take_gpu_slot(
     return SlotCount(acquired=False, slots=limit.slots, holders=tuple(others))
 
 
-def holds_gpu_slot(*, session: Session, job_id: str, owner: str) -> bool:
-    """True while ``owner`` holds the job's lease and a GPU slot on it."""
-    lease = session.get(Lease, job_id, populate_existing=True)
-    return lease is not None and lease.owner == owner and lease.gpu_since is not None
-
-
 def release_gpu_slot(*, session: Session, job_id: str, owner: str) -> bool:
     """Give the slot back; False if ``owner`` held none (nothing changes then)."""
     result = session.execute(

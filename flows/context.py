@@ -31,6 +31,10 @@ from flows.heartbeat import Heartbeat
 
 log = logging.getLogger(__name__)
 ACTOR = "emo"
+_SLOT_GIVEN_AWAY = (
+    "the GPU slot of job {job_id} was given to another render while this one could not "
+    "renew its lease; resume the job to continue from its last checkpoint"
+)
 
 
 class LeaseHeld(EmoError):
@@ -158,10 +162,7 @@ class JobLease:
                     progress_at=self.progress_at,
                 )
             if self.gpu_held and lease.gpu_since is None:
-                raise JobStateError(
-                    f"the GPU slot of job {self.job_id} was given to another render while "
-                    "this one could not renew its lease"
-                )
+                raise JobStateError(_SLOT_GIVEN_AWAY.format(job_id=self.job_id))
             self._renewed = started
         except JobStateError as error:
             log.error("%s; stopping after this step", error)
@@ -191,18 +192,25 @@ class JobLease:
             raise LeaseHeld(self.lost_reason)
 
     def verify(self) -> None:
-        """Raise ``LeaseHeld`` unless the database still names this render as the owner.
+        """Raise ``LeaseHeld`` unless the database still names this render as the owner (and,
+        while it holds a GPU slot, still shows that slot on its lease).
 
         Called before every change a holder makes (segment rows, the final state), so a
         render that lost its lease while the database was unreachable stops instead of
         overwriting the state of the render that took the job over.
         """
         self.check()
-        holder = self.holder()
+        with self.svc.sessions() as session:
+            lease = current_lease(session=session, job_id=self.job_id)
+        holder = lease.owner if lease is not None else None
         if holder != self.owner:
             self.lost_reason = f"lease of job {self.job_id} is lost: held by {holder!r}"
-            self.lost.set()
-            raise LeaseHeld(self.lost_reason)
+        elif self.gpu_held and lease.gpu_since is None:
+            self.lost_reason = _SLOT_GIVEN_AWAY.format(job_id=self.job_id)
+        else:
+            return
+        self.lost.set()
+        raise LeaseHeld(self.lost_reason)
 
     def holder(self) -> str | None:
         """Who the database says holds the job's lease now (None: nobody)."""

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 from types import TracebackType
 
-from db.gpu_slots import SlotCount, holds_gpu_slot, release_gpu_slot, take_gpu_slot
+from db.gpu_slots import SlotCount, release_gpu_slot, take_gpu_slot
 from emo import progress
 from emo.errors import EmoError
 from emo.settings import SLOT_POLL_SECONDS
@@ -27,10 +27,6 @@ from flows.context import JobLease, Services, dead_local_owner
 
 log = logging.getLogger(__name__)
 POLL_SECONDS = SLOT_POLL_SECONDS
-
-
-class GpuSlotLost(EmoError):
-    """The render's slot was reclaimed (its lease lapsed while the database was unreachable)."""
 
 
 class GpuSlotTimeout(EmoError):
@@ -130,18 +126,6 @@ class GpuSlot:
                 "or `emo slots --set N`, do)",
                 settings.gpu_slots,
                 stored,
-            )
-
-    def check(self) -> None:
-        """Raise ``GpuSlotLost`` if the slot was reclaimed: another render may have this GPU."""
-        with self.svc.sessions() as session:
-            held = holds_gpu_slot(session=session, job_id=self.lease.job_id, owner=self.lease.owner)
-        if not held:
-            self.lease.verify()  # taken over: that is the reason, and LeaseHeld names who
-            raise GpuSlotLost(
-                f"the GPU slot of job {self.lease.job_id} was reclaimed (its lease lapsed while "
-                "the database was unreachable); resume the job to continue from its last "
-                "checkpoint"
             )
 
     def __exit__(

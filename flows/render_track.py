@@ -464,7 +464,7 @@ def _render_job(
         on_wait=lambda: _check_cancelled(svc, job_id),
     )
     with slot:
-        work = _render_segments(svc, lease, slot, job_id, f"{batch_name}/{name}", options)
+        work = _render_segments(svc, lease, job_id, f"{batch_name}/{name}", options)
     return _finish(svc, lease, work, name, batch_name, output, started)
 
 
@@ -484,7 +484,6 @@ class RenderedSegments:
 def _render_segments(
     svc: Services,
     lease: JobLease,
-    slot: GpuSlot,
     job_id: str,
     title: str,
     options: dict[str, Any],
@@ -510,8 +509,7 @@ def _render_segments(
     weights_sha256 = pipeline.bundle.sha256 if pipeline.bundle else None
     for segment in plan.segments:
         lease.mark_progress()
-        lease.verify()
-        slot.check()
+        lease.verify()  # still the job's holder, and still holding its GPU slot
         _check_cancelled(svc, job_id)
         checkpoint = read_segment_checkpoint(svc.store, job_id=job_id, index=segment.index)
         if checkpoint is not None:
