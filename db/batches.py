@@ -23,11 +23,15 @@ class JobSpec:
     params: dict[str, Any] = field(default_factory=dict)
     priority: int = 0
     max_attempts: int = 3
-    id: str | None = None  # chosen by the caller (e.g. derived from manifest and name)
+    id: str | None = None  # chosen by the caller (derived from the batch's content and name)
+    image_sha256: str | None = None
+    audio_sha256: str | None = None
+    weights_sha256: str | None = None  # the bundle the job is pinned to
 
 
 def find_batch(*, session: Session, manifest_sha256: str) -> Batch | None:
-    """The batch registered for this manifest hash, if any."""
+    """The batch registered under this key, if any (``manifest_sha256`` holds the batch's
+    content key: the manifest's hash and its inputs', see ``emo.render.batch_key``)."""
     return session.scalar(select(Batch).where(Batch.manifest_sha256 == manifest_sha256))
 
 
@@ -57,6 +61,9 @@ def register_batch(
             params=spec.params,
             priority=spec.priority,
             max_attempts=spec.max_attempts,
+            image_sha256=spec.image_sha256,
+            audio_sha256=spec.audio_sha256,
+            weights_sha256=spec.weights_sha256,
             status=JobStatus.QUEUED,
         )
         for spec in jobs

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from db.events import record_event
-from db.leases import take_lease
+from db.leases import require_epoch, take_lease
 from db.models import Job, JobStatus, Lease, utcnow
 from emo.errors import JobStateError, NotFound
 
@@ -165,17 +165,61 @@ def begin_run(*, session: Session, job_id: str, actor: str) -> Job:
     return job
 
 
-def record_result(*, session: Session, job_id: str, output_uri: str, qc: dict, actor: str) -> Job:
-    """Store the job's final output and QC report (before it is marked succeeded)."""
-    job = get_job(session=session, job_id=job_id, lock=True)
-    job.output_uri, job.qc, job.updated_at = output_uri, qc, utcnow()
+def finish_job(
+    *, session: Session, job_id: str, epoch: int, output_uri: str, qc: dict, actor: str, reason: str
+) -> Job:
+    """running -> succeeded with the job's output and QC, in one transaction that commits only
+    while ``epoch`` is the job's lease epoch (``EpochSuperseded`` otherwise, nothing written).
+    Outputs are published after this commit, so only the current holder ever publishes."""
+    job = require_epoch(session=session, job_id=job_id, epoch=epoch)
+    job.output_uri, job.qc = output_uri, qc
     record_event(
         session=session,
         actor=actor,
         kind="job.output",
         batch_id=job.batch_id,
         job_id=job.id,
-        detail={"output_uri": output_uri, "qc_warnings": qc.get("warnings", [])},
+        detail={"output_uri": output_uri, "qc_warnings": qc.get("warnings", []), "epoch": epoch},
+    )
+    try:
+        _apply(job, JobStatus.SUCCEEDED, session=session, actor=actor, reason=reason)
+    except JobStateError:
+        session.rollback()
+        raise
+    session.commit()
+    return job
+
+
+def repin_weights(*, session: Session, job_id: str, weights_sha256: str, actor: str) -> Job:
+    """Pin a failed or queued job to another weights bundle and start it over: its plan and
+    segment records go (the new bundle may cut clips differently), its attempts restart, and
+    it is queued. Earlier checkpoints stay in the store, unreferenced, until ``emo gc``."""
+    job = get_job(session=session, job_id=job_id, lock=True)
+    if job.status not in (JobStatus.FAILED, JobStatus.QUEUED):
+        session.rollback()
+        raise JobStateError(
+            f"job {job.name!r} ({job.id}) is {job.status.value}; only a failed or queued job "
+            "can be rendered again with new weights"
+        )
+    lease = session.get(Lease, job_id, populate_existing=True)
+    if lease is not None and lease.expires_at > utcnow():
+        session.rollback()
+        raise JobStateError(f"job {job.name!r} ({job.id}) is being rendered by {lease.owner}")
+    previous = job.weights_sha256
+    for segment in list(job.segments):
+        session.delete(segment)
+    job.weights_sha256, job.plan, job.plan_sha256 = weights_sha256, None, None
+    job.attempt, job.output_uri, job.qc = 0, None, None
+    if job.status is JobStatus.FAILED:
+        _apply(job, JobStatus.QUEUED, session=session, actor=actor, reason="new weights")
+    record_event(
+        session=session,
+        actor=actor,
+        kind="job.weights_repinned",
+        batch_id=job.batch_id,
+        job_id=job.id,
+        reason=f"weights {str(previous)[:12]} -> {weights_sha256[:12]}; rendered from scratch",
+        detail={"from": previous, "to": weights_sha256},
     )
     session.commit()
     return job

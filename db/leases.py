@@ -3,6 +3,11 @@
 A lease is a row (owner, expiry, heartbeat). The owner renews it while it works (heartbeat)
 and releases it when done. Acquisition locks the row (``FOR UPDATE`` on PostgreSQL; SQLite
 transactions are single-writer), so two runs never both believe they hold one job.
+
+Every acquisition increments the job's ``lease_epoch`` (a fencing token) and stamps it on the
+lease. A render may still be running after its lease passed to another (a network partition,
+a paused process); ``require_epoch`` is how its writes are refused: segment records and the
+job's result are committed only in a transaction that finds the writer's epoch current.
 """
 
 from __future__ import annotations
@@ -14,8 +19,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.events import record_event
-from db.models import Lease, utcnow
-from emo.errors import JobStateError
+from db.models import Job, Lease, utcnow
+from emo.errors import EpochSuperseded, JobStateError, NotFound
 
 
 def _lock_lease(session: Session, job_id: str) -> Lease | None:
@@ -39,17 +44,30 @@ def take_lease(
     """
     now = now or utcnow()
     expires = now + timedelta(seconds=ttl_seconds)
+    job = _lock_job(session, job_id)  # lock order everywhere: the job row, then its lease
     lease = _lock_lease(session, job_id)
     if lease is None:
         lease = Lease(
-            job_id=job_id, owner=owner, acquired_at=now, heartbeat_at=now, expires_at=expires
+            job_id=job_id,
+            owner=owner,
+            acquired_at=now,
+            heartbeat_at=now,
+            expires_at=expires,
+            epoch=job.lease_epoch + 1,
         )
         try:
             with session.begin_nested():
                 session.add(lease)
         except IntegrityError:  # another owner inserted it between our select and insert
             return None
-        record_event(session=session, actor=owner, kind="lease.acquired", job_id=job_id)
+        job.lease_epoch = lease.epoch
+        record_event(
+            session=session,
+            actor=owner,
+            kind="lease.acquired",
+            job_id=job_id,
+            detail={"epoch": lease.epoch},
+        )
         return lease
     if lease.owner != owner and lease.expires_at > now and lease.owner != stale_owner:
         return None
@@ -69,7 +87,36 @@ def take_lease(
     else:
         record_event(session=session, actor=owner, kind="lease.reacquired", job_id=job_id)
     lease.owner, lease.heartbeat_at, lease.expires_at = owner, now, expires
+    job.lease_epoch += 1
+    lease.epoch = job.lease_epoch
     return lease
+
+
+def _lock_job(session: Session, job_id: str) -> Job:
+    job = session.scalar(
+        select(Job)
+        .where(Job.id == job_id)
+        .with_for_update()
+        .execution_options(populate_existing=True)
+    )
+    if job is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return job
+
+
+def require_epoch(*, session: Session, job_id: str, epoch: int) -> Job:
+    """Lock the job row and return it if ``epoch`` is still its lease epoch; else raise
+    ``EpochSuperseded`` (after rolling back). Call it first in a transaction whose writes only
+    the current holder may make: the row lock keeps a take-over from committing in between."""
+    job = _lock_job(session, job_id)
+    if job.lease_epoch != epoch:
+        current = job.lease_epoch
+        session.rollback()
+        raise EpochSuperseded(
+            f"job {job_id}: this render holds lease epoch {epoch}, but the job is at epoch "
+            f"{current} (another render took it over); its writes are refused"
+        )
+    return job
 
 
 def acquire_lease(

@@ -101,7 +101,12 @@ class Base(DeclarativeBase):
 
 
 class Batch(Base):
-    """One submitted manifest. ``manifest_sha256`` is unique: resubmitting is idempotent."""
+    """One submitted manifest. ``manifest_sha256`` is unique: resubmitting is idempotent.
+
+    Since revision 0005 the column holds the batch's content key (the manifest's sha256 and the
+    sha256 of every input it names; ``emo.render.batch_key``), so an input edited in place makes
+    a new batch. The name is kept to spare a table rewrite.
+    """
 
     __tablename__ = "batches"
 
@@ -132,6 +137,15 @@ class Job(Base):
     image_uri: Mapped[str] = mapped_column(Text)
     audio_uri: Mapped[str] = mapped_column(Text)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # What the job is: the sha256 of its input bytes (its id is derived from them), and the
+    # weights bundle it is rendered with, pinned at registration (None on rows made before
+    # revision 0005: such a job takes the bundle configured when it renders).
+    image_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    audio_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    weights_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
+    # Fencing token: incremented by every acquisition of the job's lease. Only the render
+    # holding the current epoch may record a segment or finish the job.
+    lease_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     plan_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     output_uri: Mapped[str | None] = mapped_column(Text, default=None)
@@ -173,6 +187,7 @@ class Segment(Base):
     checkpoint_uri: Mapped[str | None] = mapped_column(Text, default=None)
     manifest_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     render_seconds: Mapped[float | None] = mapped_column(Float, default=None)
+    epoch: Mapped[int | None] = mapped_column(Integer, default=None)  # of the render recording it
     completed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
     job: Mapped[Job] = relationship(back_populates="segments")
@@ -188,6 +203,7 @@ class Lease(Base):
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
+    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # job.lease_epoch
     # Unused since revision 0004 (it held a Prefect concurrency lease id); kept until a later
     # revision drops it, so renders of the previous release keep working during an upgrade.
     gpu_slot: Mapped[str | None] = mapped_column(String(64), default=None)

@@ -7,6 +7,7 @@ from sqlalchemy.orm import Session
 
 from db.events import record_event
 from db.jobs import get_job
+from db.leases import require_epoch
 from db.models import Segment, SegmentStatus, utcnow
 from emo.errors import JobStateError, NotFound
 from emo.plan import SegmentPlan
@@ -73,8 +74,14 @@ def record_segment_done(
     manifest_sha256: str,
     render_seconds: float,
     actor: str,
+    epoch: int,
 ) -> Segment:
-    """Mark a segment done with its checkpoint; the database follows the object store."""
+    """Mark a segment done with its checkpoint, if ``epoch`` is still the job's lease epoch.
+
+    This row, not the store's listing, decides which checkpoint attempt of the segment counts.
+    Raises ``EpochSuperseded`` (nothing written) for a render whose lease was taken over.
+    """
+    require_epoch(session=session, job_id=job_id, epoch=epoch)
     query = (
         select(Segment).where(Segment.job_id == job_id, Segment.index == index).with_for_update()
     )
@@ -87,6 +94,7 @@ def record_segment_done(
     segment.checkpoint_uri = checkpoint_uri
     segment.manifest_sha256 = manifest_sha256
     segment.render_seconds = render_seconds
+    segment.epoch = epoch
     segment.completed_at = utcnow()
     record_event(
         session=session,
@@ -100,6 +108,7 @@ def record_segment_done(
             "checkpoint_uri": checkpoint_uri,
             "manifest_sha256": manifest_sha256,
             "render_seconds": render_seconds,
+            "epoch": epoch,
         },
     )
     session.commit()

@@ -48,8 +48,10 @@ def plan(
     as_json: Annotated[bool, typer.Option("--json", help="print the plan as JSON")] = False,
 ) -> None:
     """Show how a vocal track is cut into segments of whole clips at its quiet points."""
+    from emo.bundle import read_bundle_info
     from emo.media import load_audio
     from emo.plan import plan_segments
+    from emo.render import resolve_weights
 
     settings = get_settings()
     samples = load_audio(audio, settings.sample_rate)
@@ -57,7 +59,7 @@ def plan(
         samples,
         sample_rate=settings.sample_rate,
         fps=settings.fps,
-        clip_frames=settings.clip_frames,
+        clip_frames=read_bundle_info(resolve_weights(settings)).config.clip_frames,
         segment_seconds=segment_seconds or settings.segment_seconds,
     )
     if as_json:

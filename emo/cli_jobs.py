@@ -284,8 +284,17 @@ def resume(
         bool, typer.Option("--failed", help="every failed job with attempts left")
     ] = False,
     output: Annotated[Path | None, typer.Option("-o", "--output", help="output file")] = None,
+    new_weights: Annotated[
+        bool,
+        typer.Option(
+            "--new-weights",
+            help="render the job again from scratch with the current bundle (EMO_WEIGHTS) "
+            "instead of the one it is pinned to",
+        ),
+    ] = False,
 ) -> None:
-    """Render what is missing of a job (only segments without a valid checkpoint)."""
+    """Render what is missing of a job (only segments without a valid checkpoint), with the
+    weights bundle it was registered with."""
     from sqlalchemy import select
 
     from db.models import Job, JobStatus
@@ -294,8 +303,10 @@ def resume(
 
     if (job is None) == (not failed):
         raise SettingsError("give a job id, or --failed (not both)")
-    if failed and output is not None:
-        raise SettingsError("-o/--output names one file; it cannot be used with --failed")
+    if failed and (output is not None or new_weights):
+        raise SettingsError("-o/--output and --new-weights name one job; not with --failed")
+    if new_weights:
+        _repin(job)
     with services().sessions() as session:
         if failed:
             ids = list(
@@ -324,6 +335,22 @@ def resume(
             console.print(f"[red]job {job_id}[/]: {error}")
     if errors:
         raise typer.Exit(1)
+
+
+def _repin(reference: str) -> None:
+    """Pin the job to the current bundle (a copy kept in the store) and start it over."""
+    from db.jobs import repin_weights
+    from emo.render import pin_bundle, resolve_weights
+    from flows.context import services
+
+    svc = services()
+    sha = pin_bundle(svc.store, resolve_weights(svc.settings))
+    with svc.sessions() as session:
+        found = _find_job(session, reference)
+        repin_weights(session=session, job_id=found.id, weights_sha256=sha, actor="emo resume")
+    console.print(
+        f"job {found.name} ({found.id}) now renders with weights {sha[:12]}, from scratch"
+    )
 
 
 def cancel(job: Annotated[str, typer.Argument(help="job id (or prefix)")]) -> None:

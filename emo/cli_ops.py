@@ -53,6 +53,62 @@ def slots(
     console.print(table)
 
 
+def gc(
+    delete: Annotated[bool, typer.Option("--delete", help="delete what is listed")] = False,
+    unknown_jobs: Annotated[
+        bool,
+        typer.Option(
+            "--unknown-jobs",
+            help="also collect objects of jobs the database does not know (never after a "
+            "database restore: resubmitting adopts them)",
+        ),
+    ] = False,
+) -> None:
+    """List what no job references any more (lost checkpoint attempts, outputs of displaced
+    renders, unused inputs and bundle copies, scratch folders); --delete removes it. A
+    checkpoint a job records, or may still adopt, is never touched."""
+    from db.references import job_references
+    from emo.store.gc import delete_garbage, find_garbage
+    from flows.context import services
+
+    svc = services()
+    with svc.sessions() as session:
+        jobs = job_references(session=session)
+    items = find_garbage(
+        svc.store, jobs, scratch=svc.settings.home / "scratch", include_unknown_jobs=unknown_jobs
+    )
+    if not items:
+        console.print("nothing to collect")
+        return
+    table = Table()
+    for column in ("kind", "where", "size", "why"):
+        table.add_column(column)
+    for item in items:
+        table.add_row(item.kind, item.where, _size(item.size), item.reason)
+    console.print(table)
+    total = _size(sum(item.size for item in items))
+    if not delete:
+        console.print(f"{len(items)} item(s), {total}: dry run; `emo gc --delete` removes them")
+        return
+
+    def still_idle(job_id: str) -> bool:
+        with svc.sessions() as session:
+            found = job_references(session=session, job_ids=[job_id])
+        return not (found and found[0].live)
+
+    deleted = delete_garbage(svc.store, items, still_idle=still_idle)
+    console.print(f"deleted {len(deleted)} of {len(items)} item(s)")
+
+
+def _size(size: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if size < 1024 or unit == "GiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return f"{size} B"
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
     app.command()(slots)
+    app.command()(gc)

@@ -46,12 +46,13 @@ class StoreAuthError(StoreError):
     exit_code = 2
 
 
-class CheckpointExists(StoreError):
-    """Refused to write a segment checkpoint over one that already verifies."""
-
-
 class JobStateError(EmoError):
     """An illegal job state transition, lease operation or plan change was requested."""
+
+
+class EpochSuperseded(JobStateError):
+    """A render's lease epoch is no longer the job's: another render acquired the job since,
+    so this one may not record segments or publish outputs (the message names both epochs)."""
 
 
 class NotFound(EmoError):

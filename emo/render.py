@@ -78,9 +78,32 @@ def resolve_params(
     )
 
 
-def job_id_for(manifest_sha256: str, name: str) -> str:
-    """Jobs are named by their manifest and name, so resubmission finds the same job."""
-    return hashlib.sha256(f"{manifest_sha256}:{name}".encode()).hexdigest()[:32]
+def batch_key(manifest_sha256: str, inputs: Sequence[tuple[str, str, str]]) -> str:
+    """A batch's identity: its manifest's bytes and the bytes of every input it names, given
+    as (job name, image sha256, audio sha256). Editing an input in place makes a new batch."""
+    digest = hashlib.sha256(f"manifest {manifest_sha256}\n".encode())
+    for name, image, audio in sorted(inputs):
+        digest.update(f"job {json.dumps(name)} image {image} audio {audio}\n".encode())
+    return digest.hexdigest()
+
+
+def job_id_for(batch_key: str, name: str) -> str:
+    """A job is named by its batch's content key and its name, so resubmitting the same
+    manifest over the same input bytes finds the same job, and new bytes make a new one."""
+    return hashlib.sha256(f"{batch_key}:{name}".encode()).hexdigest()[:32]
+
+
+def check_frame_layout(settings: Settings, clip_frames: int, motion_frames: int) -> None:
+    """The bundle decides f and n; EMO_CLIP_FRAMES / EMO_MOTION_FRAMES, if set, must agree."""
+    for name, wanted, actual in (
+        ("EMO_CLIP_FRAMES", settings.clip_frames, clip_frames),
+        ("EMO_MOTION_FRAMES", settings.motion_frames, motion_frames),
+    ):
+        if wanted is not None and wanted != actual:
+            raise SettingsError(
+                f"{name} is {wanted}, but the weights bundle was trained with {actual}; "
+                f"unset {name} (the bundle decides) or use a bundle made for {wanted}"
+            )
 
 
 # -- inputs --------------------------------------------------------------------------------
@@ -180,6 +203,63 @@ def resolve_weights(settings: Settings) -> Path:
             meta={"made_by": "emo (untrained placeholder until the demo model ships)"},
         )
     return path
+
+
+WEIGHTS_PREFIX = "weights"  # store/weights/<sha256>/: bundles pinned by registered jobs
+
+
+def bundle_sha256(path: Path) -> str:
+    """The content hash a bundle's emo.json records (what jobs pin)."""
+    from emo.bundle import read_bundle_info
+
+    return read_bundle_info(path).sha256
+
+
+def pin_bundle(store: ObjectStore, path: Path) -> str:
+    """Keep a copy of the bundle at ``path`` in the store under its hash (emo.json last, so a
+    copy interrupted half-way reads as absent); return the hash. Jobs registered with it can
+    be resumed after EMO_WEIGHTS moves on."""
+    from emo.bundle import BUNDLE_FILE
+
+    sha = bundle_sha256(path)
+    prefix = f"{WEIGHTS_PREFIX}/{sha}/"
+    if store.exists(prefix + BUNDLE_FILE):
+        return sha
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        if file.name != BUNDLE_FILE or file.parent != path:
+            store.put_file(prefix + file.relative_to(path).as_posix(), file)
+    store.put_file(prefix + BUNDLE_FILE, path / BUNDLE_FILE)
+    return sha
+
+
+def pinned_bundle(settings: Settings, store: ObjectStore, sha: str) -> Path:
+    """The local folder of the bundle whose hash is ``sha``: the configured bundle if it is
+    that one, else the local cache, else the store's pinned copy (downloaded and verified)."""
+    from emo.bundle import BUNDLE_FILE, read_bundle_info
+
+    configured = settings.weights
+    if not configured:
+        candidate: Path | None = SHIPPED_DEMO
+    elif configured.startswith("s3:"):
+        candidate = None  # a remote prefix: its copy pinned in the store serves instead
+    else:
+        candidate = Path(configured)
+    found = candidate is not None and (candidate / BUNDLE_FILE).is_file()
+    if found and bundle_sha256(candidate) == sha:
+        return candidate
+    local = settings.home / "weights" / "cache" / sha
+    if (local / BUNDLE_FILE).is_file():
+        return local
+    prefix = f"{WEIGHTS_PREFIX}/{sha}/"
+    if not store.exists(prefix + BUNDLE_FILE):
+        raise SettingsError(
+            f"the job is pinned to weights bundle {sha[:12]}, which is neither EMO_WEIGHTS "
+            f"nor in the cache or the store ({store.uri(prefix)}); `emo resume JOB "
+            "--new-weights` renders it again with the current bundle"
+        )
+    _download_bundle(store, prefix, local)
+    read_bundle_info(local)
+    return local
 
 
 def _cached_remote_bundle(uri: str, settings: Settings) -> Path:

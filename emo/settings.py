@@ -43,8 +43,14 @@ class Settings(BaseSettings):
     ffmpeg: str | None = Field(None, description="ffmpeg binary; default imageio-ffmpeg's")
     fps: int = Field(25, ge=1, le=120)
     sample_rate: int = Field(16000, ge=8000, le=192000)
-    clip_frames: int = Field(12, ge=1, le=256)  # f in the paper
-    motion_frames: int = Field(4, ge=0, le=64)  # n in the paper
+    # The weights bundle decides the frame layout (f and n in the paper); these only assert it:
+    # a render whose bundle disagrees is refused at start, naming both.
+    clip_frames: int | None = Field(
+        None, ge=1, le=256, description="expected f; default the bundle's"
+    )
+    motion_frames: int | None = Field(
+        None, ge=0, le=64, description="expected n; default the bundle's"
+    )
     segment_seconds: float = Field(20.0, gt=0, le=3600)
     dispatch: Literal["inline", "deployment"] = Field(
         "inline", description="render jobs as subflows, or via the render-track deployment"

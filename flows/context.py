@@ -115,6 +115,7 @@ class JobLease:
         self.lost_reason = f"lease of job {job_id} is lost to another render"
         self.progress_at: datetime | None = None
         self.gpu_held = False  # set by GpuSlot while this render holds a GPU slot
+        self.epoch = 0  # the job's lease epoch this render acquired: its fencing token
         self._renewed = time.monotonic()  # when the lease last surely ran for another ttl
         self._heartbeat: Heartbeat | None = None
 
@@ -137,6 +138,7 @@ class JobLease:
                 raise LeaseHeld(
                     f"job {self.job_id} is being rendered by {name}; not starting a second render"
                 )
+            self.epoch = lease.epoch
         self._heartbeat = Heartbeat(
             self._renew, self.svc.settings.heartbeat_seconds, f"lease-{self.job_id[:8]}"
         ).start()
@@ -203,14 +205,26 @@ class JobLease:
         with self.svc.sessions() as session:
             lease = current_lease(session=session, job_id=self.job_id)
         holder = lease.owner if lease is not None else None
-        if holder != self.owner:
-            self.lost_reason = f"lease of job {self.job_id} is lost: held by {holder!r}"
+        if holder != self.owner or lease.epoch != self.epoch:
+            self.lost_reason = f"lease of job {self.job_id} is lost: held by {holder!r}" + (
+                f" at epoch {lease.epoch}, this render's is {self.epoch}" if lease else ""
+            )
         elif self.gpu_held and lease.gpu_since is None:
             self.lost_reason = _SLOT_GIVEN_AWAY.format(job_id=self.job_id)
         else:
             return
         self.lost.set()
         raise LeaseHeld(self.lost_reason)
+
+    def fenced(self, error: EmoError) -> None:
+        """A write was refused because the job's epoch moved on: stop as a lost lease."""
+        try:
+            holder = repr(self.holder())
+        except Exception:  # noqa: BLE001 (the message is best effort; the refusal stands)
+            holder = "another render"
+        self.lost_reason = f"{error}; the job is held by {holder} now"
+        self.lost.set()
+        raise LeaseHeld(self.lost_reason) from error
 
     def holder(self) -> str | None:
         """Who the database says holds the job's lease now (None: nobody)."""

@@ -1,10 +1,13 @@
 """render_track: one job, segment by segment, resumable from its checkpoints.
 
-Take the job's lease (heartbeat while running) -> load inputs -> plan segments once -> for each
-segment in order: skip it if its checkpoint verifies, else render its clips from the previous
-checkpoint's motion state, write the checkpoint (video, motion state, manifest last) and record
-it in the database -> assemble (stream-copy concat + audio mux) -> QC -> sidecar -> succeeded.
-Any failure marks the job failed with the reason; verified checkpoints stay in place.
+Take the job's lease (its epoch is this render's fencing token) -> load the pinned weights
+and the job's inputs (checked against their hashes) -> plan (a pure function of the audio and
+the frame layout; a stored plan must match) -> for each segment in order: reuse the attempt the
+database records, or adopt one that fits and chains, else render from the previous segment's
+motion state, write a new attempt under this epoch (manifest last) and record it, fenced by the
+epoch -> assemble (stream-copy concat + audio mux; frame count and duration checked) -> QC ->
+sidecar -> succeeded, fenced by the epoch -> only then publish the user's output. Any failure
+marks the job failed with the reason; verified checkpoints stay in place.
 """
 
 from __future__ import annotations
@@ -29,18 +32,21 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from db.jobs import begin_run, get_job, record_result, transition_job
+from db.jobs import begin_run, finish_job, get_job, transition_job
 from db.models import JobStatus
 from db.segments import list_segments, record_segment_done, store_plan
 from emo import media, progress
-from emo.errors import EmoError
+from emo.errors import EmoError, EpochSuperseded, MediaError, SettingsError
 from emo.eval.qc import qc_report
+from emo.models.config import EMOConfig
 from emo.pipeline import EMOPipeline, MotionState
 from emo.plan import PlannedSegment, SegmentPlan, plan_segments
 from emo.render import (
     JobParams,
+    check_frame_layout,
     device_and_dtype,
     load_pipeline,
+    pinned_bundle,
     portrait_region,
     prepare_portrait,
     render_segment,
@@ -48,7 +54,9 @@ from emo.render import (
     resolve_weights,
     speed_schedule,
 )
+from emo.store.base import sha256_stream
 from emo.store.checkpoint import (
+    MANIFEST,
     SegmentCheckpoint,
     read_segment_checkpoint,
     write_segment_checkpoint,
@@ -62,6 +70,19 @@ log = logging.getLogger(__name__)
 
 class JobCancelled(EmoError):
     """The job was cancelled while rendering."""
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What the database says a job is: the render binds every checkpoint to it."""
+
+    job_id: str
+    name: str
+    batch_name: str
+    options: dict[str, Any]
+    image_sha256: str | None  # None: registered before inputs were content-keyed
+    audio_sha256: str | None
+    weights_sha256: str | None  # None: registered before weights were pinned
 
 
 @dataclass
@@ -88,14 +109,23 @@ def _run_name() -> str:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def load_inputs(svc: Services, job_id: str, params: JobParams, resolution: int) -> JobInputs:
-    """Fetch the job's inputs from the store and prepare the portrait and audio."""
+def load_inputs(svc: Services, job: JobRecord, params: JobParams, resolution: int) -> JobInputs:
+    """Fetch the job's inputs from the store, check their hashes, prepare portrait and audio."""
     with svc.sessions() as session:
-        job = get_job(session=session, job_id=job_id)
-        image_key, audio_key = _key(svc, job.image_uri), _key(svc, job.audio_uri)
-    scratch = svc.settings.home / "scratch" / job_id
+        row = get_job(session=session, job_id=job.job_id)
+        image_key, audio_key = _key(svc, row.image_uri), _key(svc, row.audio_uri)
+    scratch = svc.settings.home / "scratch" / job.job_id
     image_path = svc.store.get_file(image_key, scratch / Path(image_key).name)
     audio_path = svc.store.get_file(audio_key, scratch / Path(audio_key).name)
+    for path, key, expected in (
+        (image_path, image_key, job.image_sha256),
+        (audio_path, audio_key, job.audio_sha256),
+    ):
+        if expected is not None and _sha256(path) != expected:
+            raise MediaError(
+                f"input {svc.store.uri(key)} does not match the hash job {job.job_id} was "
+                f"registered with ({expected[:12]}); the store was altered: submit the job again"
+            )
     image = media.load_image(image_path)
     region = portrait_region(image, params, Path(image_key).name)
     portrait, box = prepare_portrait(image, region, resolution)
@@ -112,6 +142,11 @@ def load_inputs(svc: Services, job_id: str, params: JobParams, resolution: int) 
     )
 
 
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return sha256_stream(stream)
+
+
 def _key(svc: Services, uri: str) -> str:
     prefix = svc.store.url.rstrip("/") + "/"
     if not uri.startswith(prefix):
@@ -120,36 +155,72 @@ def _key(svc: Services, uri: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def plan_job(svc: Services, job_id: str, audio: np.ndarray, params: JobParams) -> SegmentPlan:
-    """The job's stored plan, or a new one stored now (a job's plan never changes)."""
+def plan_job(
+    svc: Services, job_id: str, audio: np.ndarray, params: JobParams, clip_frames: int
+) -> SegmentPlan:
+    """The job's plan: computed from the audio, the bundle's clip length and the settings, and
+    stored once. A stored plan that differs is refused, naming what changed: checkpoints are
+    only valid for the segment boundaries they were rendered with."""
+    settings = svc.settings
+    plan = plan_segments(
+        audio,
+        sample_rate=settings.sample_rate,
+        fps=settings.fps,
+        clip_frames=clip_frames,
+        segment_seconds=params.segment_seconds,
+    )
     with svc.sessions() as session:
         job = get_job(session=session, job_id=job_id)
-        if job.plan is not None:
-            return SegmentPlan.from_dict(job.plan)
-        settings = svc.settings
-        plan = plan_segments(
-            audio,
-            sample_rate=settings.sample_rate,
-            fps=settings.fps,
-            clip_frames=settings.clip_frames,
-            segment_seconds=params.segment_seconds,
-        )
+        if job.plan is not None and job.plan_sha256 != plan.sha256:
+            raise SettingsError(_plan_change(job_id, SegmentPlan.from_dict(job.plan), plan))
         store_plan(session=session, job_id=job_id, plan=plan, actor="render-track")
-        return plan
+    return plan
+
+
+def _plan_change(job_id: str, stored: SegmentPlan, now: SegmentPlan) -> str:
+    """What differs between the stored plan and the one computed now, by the setting's name."""
+    names = {
+        "fps": "EMO_FPS",
+        "sample_rate": "EMO_SAMPLE_RATE",
+        "clip_frames": "the weights bundle's clip_frames",
+        "segment_seconds": "segment_seconds (EMO_SEGMENT_SECONDS or the job's option)",
+        "total_samples": "the audio's length",
+    }
+    changed = [
+        f"{label} {getattr(stored, field)} -> {getattr(now, field)}"
+        for field, label in names.items()
+        if getattr(stored, field) != getattr(now, field)
+    ] or ["the audio's quiet points (the input changed)"]
+    return (
+        f"job {job_id} was planned with other settings: {'; '.join(changed)}. Restore them to "
+        "resume it, or `emo resume JOB --new-weights` to render it again from scratch"
+    )
 
 
 @task(cache_policy=NO_CACHE)
-def load_model(svc: Services) -> EMOPipeline:
-    """The weights bundle, loaded once per process."""
+def load_model(svc: Services, weights_sha256: str | None) -> EMOPipeline:
+    """The job's pinned weights bundle (or, for a job registered before pinning, the configured
+    one), loaded once per process; refused if EMO_CLIP_FRAMES/EMO_MOTION_FRAMES disagree."""
     device, dtype = device_and_dtype(svc.settings)
-    path = resolve_weights(svc.settings)
-    return load_pipeline(
+    if weights_sha256 is None:
+        path = resolve_weights(svc.settings)
+    else:
+        path = pinned_bundle(svc.settings, svc.store, weights_sha256)
+    pipeline = load_pipeline(
         str(path),
         str(device),
         str(dtype).removeprefix("torch."),
         svc.settings.fps,
         svc.settings.sample_rate,
     )
+    found = pipeline.bundle.sha256 if pipeline.bundle else None
+    if weights_sha256 is not None and found != weights_sha256:
+        raise SettingsError(
+            f"the bundle at {path} changed while in use ({str(found)[:12]}, the job is pinned "
+            f"to {weights_sha256[:12]}); run the job again"
+        )
+    check_frame_layout(svc.settings, pipeline.config.clip_frames, pipeline.config.motion_frames)
+    return pipeline
 
 
 def _clock(seconds: float) -> str:
@@ -179,8 +250,11 @@ def render_segment_task(
     segment: PlannedSegment,
     params: JobParams,
     previous: SegmentCheckpoint | None,
+    binding: dict[str, Any],
 ) -> SegmentCheckpoint:
-    """Render one segment, checkpoint it (manifest last), then record it in the database."""
+    """Render one segment, write it as a new attempt under this render's lease epoch (manifest
+    last), then record it in the database; the record commits only while the epoch is current.
+    """
     started = time.perf_counter()
     motion = None
     if previous is not None:
@@ -198,35 +272,37 @@ def render_segment_task(
     motion_path = inputs.scratch / f"motion-{segment.index:05d}.safetensors"
     state.save(motion_path)
     seconds = time.perf_counter() - started
+    lease.check()  # a render that knows it lost the job uploads nothing more
     checkpoint = write_segment_checkpoint(
         svc.store,
         job_id=job_id,
         index=segment.index,
+        epoch=lease.epoch,
         files={"video.mp4": video, "motion.safetensors": motion_path},
-        meta={
-            "frames": [segment.frame_start, segment.frame_end],
-            "samples": [segment.sample_start, segment.sample_end],
-            "clips": [segment.clip_start, segment.clip_start + segment.clip_count],
-            "seed": params.seed,
-            "weights_sha256": pipeline.bundle.sha256 if pipeline.bundle else None,
-            "params": params.to_dict(),
-            "previous_manifest_sha256": previous.manifest_sha256 if previous else None,
-            "render_seconds": seconds,
-        },
+        meta={**binding, "seed": params.seed, "render_seconds": seconds},
     )
-    lease.verify()  # a render that lost the job must not record segments for it
-    with svc.sessions() as session:
-        record_segment_done(
-            session=session,
-            job_id=job_id,
-            index=segment.index,
-            checkpoint_uri=svc.store.uri(checkpoint.prefix + "manifest.json"),
-            manifest_sha256=checkpoint.manifest_sha256,
-            render_seconds=seconds,
-            actor="render-track",
-        )
+    _record(svc, lease, checkpoint, "render-track")
     video.unlink(missing_ok=True)
     return checkpoint
+
+
+def _record(svc: Services, lease: JobLease, checkpoint: SegmentCheckpoint, actor: str) -> None:
+    """Record the segment's checkpoint, fenced by this render's epoch (``EpochSuperseded``
+    raised as the lease loss it is)."""
+    try:
+        with svc.sessions() as session:
+            record_segment_done(
+                session=session,
+                job_id=checkpoint.job_id,
+                index=checkpoint.index,
+                checkpoint_uri=svc.store.uri(checkpoint.prefix + MANIFEST),
+                manifest_sha256=checkpoint.manifest_sha256,
+                render_seconds=float(checkpoint.manifest.get("render_seconds", 0.0)),
+                actor=actor,
+                epoch=lease.epoch,
+            )
+    except EpochSuperseded as error:
+        lease.fenced(error)
 
 
 def _render(
@@ -260,63 +336,55 @@ def _render(
     )
 
 
-def _check_reusable(
-    checkpoint: SegmentCheckpoint,
-    previous: SegmentCheckpoint | None,
-    weights_sha256: str | None,
+def segment_binding(
+    job: JobRecord,
+    plan: SegmentPlan,
+    segment: PlannedSegment,
     params: JobParams,
-) -> None:
-    """Refuse to splice in a checkpoint made by other weights, parameters or history.
-
-    Checkpoints are never rewritten, so a job whose weights or resolved parameters changed
-    between attempts cannot be resumed; it must be submitted again as a new job.
-    """
-    found = checkpoint.manifest
-    expected_previous = previous.manifest_sha256 if previous else None
-    problems = []
-    if found.get("weights_sha256") != weights_sha256:
-        problems.append(
-            f"weights {str(found.get('weights_sha256'))[:12]} (now {str(weights_sha256)[:12]})"
-        )
-    if found.get("params") != json.loads(json.dumps(params.to_dict())):  # as stored (JSON)
-        problems.append("different parameters (settings defaults changed?)")
-    if found.get("previous_manifest_sha256") != expected_previous:
-        problems.append("a different previous segment")
-    if problems:
-        raise EmoError(
-            f"segment {checkpoint.index} of job {checkpoint.job_id} was rendered with "
-            + "; ".join(problems)
-            + ": its checkpoint cannot continue this render; submit the job again under a "
-            "new name (checkpoints are never rewritten)"
-        )
+    config: EMOConfig,
+    weights_sha256: str | None,
+    previous: SegmentCheckpoint | None,
+) -> dict[str, Any]:
+    """Everything a segment's frames depend on; its checkpoint must match all of it to count."""
+    return {
+        "image_sha256": job.image_sha256,
+        "audio_sha256": job.audio_sha256,
+        "plan_sha256": plan.sha256,
+        "fps": plan.fps,
+        "sample_rate": plan.sample_rate,
+        "clip_frames": config.clip_frames,
+        "motion_frames": config.motion_frames,
+        "frames": [segment.frame_start, segment.frame_end],
+        "samples": [segment.sample_start, segment.sample_end],
+        "clips": [segment.clip_start, segment.clip_start + segment.clip_count],
+        "weights_sha256": weights_sha256,
+        "params": params.to_dict(),
+        "previous_manifest_sha256": previous.manifest_sha256 if previous else None,
+    }
 
 
-def _repair_row(svc: Services, job_id: str, checkpoint: SegmentCheckpoint) -> None:
-    """The database follows the store: a verified checkpoint is recorded if it is not."""
+def _recorded(svc: Services, job_id: str) -> dict[int, tuple[str, str]]:
+    """Segment index -> (manifest key, manifest sha256) as the database records them."""
     with svc.sessions() as session:
-        rows = {s.index: s for s in list_segments(session=session, job_id=job_id)}
-        row = rows.get(checkpoint.index)
-        if row is not None and row.manifest_sha256 != checkpoint.manifest_sha256:
-            record_segment_done(
-                session=session,
-                job_id=job_id,
-                index=checkpoint.index,
-                checkpoint_uri=svc.store.uri(checkpoint.prefix + "manifest.json"),
-                manifest_sha256=checkpoint.manifest_sha256,
-                render_seconds=float(checkpoint.manifest.get("render_seconds", 0.0)),
-                actor="render-track (repaired from the store)",
-            )
+        return {
+            s.index: (_key(svc, s.checkpoint_uri), s.manifest_sha256)
+            for s in list_segments(session=session, job_id=job_id)
+            if s.checkpoint_uri and s.manifest_sha256
+        }
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def assemble(
     svc: Services,
+    lease: JobLease,
     job_id: str,
     checkpoints: list[SegmentCheckpoint],
     inputs: JobInputs,
     params: JobParams,
+    plan: SegmentPlan,
 ) -> tuple[Path, str]:
-    """Concatenate the segments (stream copy), mux the track, export, upload."""
+    """Concatenate the segments (stream copy), mux the track, check the result, export, and
+    upload it under this render's epoch (unpublished until the job's fenced commit)."""
     videos = [
         svc.store.get_file(c.key("video.mp4"), inputs.scratch / f"final-{c.index:05d}.mp4")
         for c in checkpoints
@@ -324,15 +392,38 @@ def assemble(
     final = media.concat_videos(videos, inputs.scratch / "final.mp4", audio=inputs.audio_path)
     for video in videos:
         video.unlink(missing_ok=True)
+    check_assembled(final, plan)
     if params.format == "mov":
         final = media.to_prores(final, inputs.scratch / "final.mov")
     elif params.format == "png":
         frames = media.to_png_sequence(final, inputs.scratch / "final_png")
         archive = shutil.make_archive(str(inputs.scratch / "final_png"), "zip", frames[0].parent)
         final = Path(archive)
-    key = f"jobs/{job_id}/{final.name}"
+    key = f"{output_prefix(job_id, lease.epoch)}{final.name}"
     svc.store.put_file(key, final)
     return final, key
+
+
+def output_prefix(job_id: str, epoch: int) -> str:
+    """Where the render of one epoch puts the final video, QC report and sidecar; the job row
+    (output_uri) names the prefix that counts."""
+    return f"jobs/{job_id}/output/e{epoch:06d}/"
+
+
+def check_assembled(video: Path, plan: SegmentPlan) -> None:
+    """The final video has exactly ceil(samples / samples per frame) frames and the audio's
+    duration; anything else (a segment of another plan spliced in) fails the job."""
+    info = media.probe(video)
+    audio = info.first("audio")
+    seconds = plan.total_samples / plan.sample_rate
+    problems = []
+    if info.video_frames != plan.total_frames:
+        problems.append(f"{info.video_frames} frames, the track needs {plan.total_frames}")
+    if audio is None or abs(audio.duration - seconds) > media.TRUNCATION_TOLERANCE_SECONDS:
+        found = "no audio" if audio is None else f"{audio.duration:.3f} s of audio"
+        problems.append(f"{found}, the track lasts {seconds:.3f} s")
+    if problems:
+        raise MediaError(f"assembled video {video.name} is wrong: {'; '.join(problems)}")
 
 
 @task(cache_policy=NO_CACHE)
@@ -411,10 +502,18 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with JobLease(svc, job_id) as lease:
         with svc.sessions() as session:
-            job = begin_run(session=session, job_id=job_id, actor=lease.owner)
-            name, batch_name, options = job.name, job.batch.name, dict(job.params)
+            row = begin_run(session=session, job_id=job_id, actor=lease.owner)
+            job = JobRecord(
+                job_id=job_id,
+                name=row.name,
+                batch_name=row.batch.name,
+                options=dict(row.params),
+                image_sha256=row.image_sha256,
+                audio_sha256=row.audio_sha256,
+                weights_sha256=row.weights_sha256,
+            )
         try:
-            return _render_job(svc, lease, job_id, name, batch_name, options, output, started)
+            return _render_job(svc, lease, job, output, started)
         except JobCancelled:
             log.warning("job %s cancelled; verified segments are kept", job_id)
             return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
@@ -430,7 +529,7 @@ def _mark_failed(svc: Services, lease: JobLease, job_id: str, error: BaseExcepti
     except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)
         log.error("job %s: cannot record its failure (%s); it stays running", job_id, failure)
         return
-    if holder != lease.owner:
+    if holder != lease.owner or isinstance(error, EpochSuperseded):
         log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
         return
     with svc.sessions() as session:
@@ -445,14 +544,7 @@ def _mark_failed(svc: Services, lease: JobLease, job_id: str, error: BaseExcepti
 
 
 def _render_job(
-    svc: Services,
-    lease: JobLease,
-    job_id: str,
-    name: str,
-    batch_name: str,
-    options: dict[str, Any],
-    output: str | None,
-    started: float,
+    svc: Services, lease: JobLease, job: JobRecord, output: str | None, started: float
 ) -> dict[str, Any]:
     # One GPU slot for the whole job, taken before the model is loaded onto the device: the
     # render holds its device from first to last segment.
@@ -461,11 +553,11 @@ def _render_job(
         lease,
         wait_seconds=svc.settings.slot_wait_seconds,
         grace_seconds=svc.settings.heartbeat_seconds,
-        on_wait=lambda: _check_cancelled(svc, job_id),
+        on_wait=lambda: _check_cancelled(svc, job.job_id),
     )
     with slot:
-        work = _render_segments(svc, lease, job_id, f"{batch_name}/{name}", options)
-    return _finish(svc, lease, work, name, batch_name, output, started)
+        work = _render_segments(svc, lease, job)
+    return _finish(svc, lease, work, job, output, started)
 
 
 @dataclass
@@ -481,56 +573,50 @@ class RenderedSegments:
     rendered: int  # segments rendered by this run (the rest were resumed)
 
 
-def _render_segments(
-    svc: Services,
-    lease: JobLease,
-    job_id: str,
-    title: str,
-    options: dict[str, Any],
-) -> RenderedSegments:
+def _render_segments(svc: Services, lease: JobLease, job: JobRecord) -> RenderedSegments:
     """Load the model and inputs, then render (or resume) every segment in order."""
-    pipeline = load_model(svc)
+    job_id = job.job_id
+    pipeline = load_model(svc, job.weights_sha256)
     lease.mark_progress()  # work done while holding the slot counts as progress to waiters
     config = pipeline.config
     params = resolve_params(
-        options,
+        job.options,
         job_id=job_id,
         settings=svc.settings,
         model_steps=config.steps,
         model_guidance=config.guidance_scale,
     )
-    inputs = load_inputs(svc, job_id, params, config.resolution)
-    plan = plan_job(svc, job_id, inputs.audio, params)
+    inputs = load_inputs(svc, job, params, config.resolution)
+    plan = plan_job(svc, job_id, inputs.audio, params, config.clip_frames)
     progress_id = create_progress_artifact(
-        progress=0.0, key=f"job-{job_id[:12]}-progress", description=f"{title}: segments done"
+        progress=0.0,
+        key=f"job-{job_id[:12]}-progress",
+        description=f"{job.batch_name}/{job.name}: segments done",
     )
     checkpoints: list[SegmentCheckpoint] = []
     rendered = 0
     weights_sha256 = pipeline.bundle.sha256 if pipeline.bundle else None
+    recorded = _recorded(svc, job_id)
     for segment in plan.segments:
         lease.mark_progress()
         lease.verify()  # still the job's holder, and still holding its GPU slot
         _check_cancelled(svc, job_id)
-        checkpoint = read_segment_checkpoint(svc.store, job_id=job_id, index=segment.index)
-        if checkpoint is not None:
-            previous = checkpoints[-1] if checkpoints else None
-            _check_reusable(checkpoint, previous, weights_sha256, params)
-            _repair_row(svc, job_id, checkpoint)
-        else:
+        previous = checkpoints[-1] if checkpoints else None
+        binding = segment_binding(job, plan, segment, params, config, weights_sha256, previous)
+        key, sha = recorded.get(segment.index, (None, None))
+        checkpoint = read_segment_checkpoint(
+            svc.store, job_id=job_id, index=segment.index, expect=binding, recorded_key=key
+        )
+        if checkpoint is not None and checkpoint.manifest_sha256 != sha:
+            # A render that died (or was displaced) after writing this attempt: adopt it.
+            _record(svc, lease, checkpoint, f"render-track (adopted epoch {_epoch(checkpoint)})")
+        if checkpoint is None:
             label = (
                 f"segment {segment.index:03d} "
                 f"[{segment.start_seconds:.1f}-{segment.end_seconds:.1f} s]"
             )
             checkpoint = render_segment_task.with_options(name=label)(
-                svc,
-                lease,
-                job_id,
-                pipeline,
-                inputs,
-                plan,
-                segment,
-                params,
-                checkpoints[-1] if checkpoints else None,
+                svc, lease, job_id, pipeline, inputs, plan, segment, params, previous, binding
             )
             rendered += 1
         checkpoints.append(checkpoint)
@@ -541,16 +627,20 @@ def _render_segments(
     return RenderedSegments(job_id, pipeline, params, inputs, plan, checkpoints, rendered)
 
 
+def _epoch(checkpoint: SegmentCheckpoint) -> object:
+    return checkpoint.manifest.get("epoch", "?")
+
+
 def _finish(
     svc: Services,
     lease: JobLease,
     work: RenderedSegments,
-    name: str,
-    batch_name: str,
+    job: JobRecord,
     output: str | None,
     started: float,
 ) -> dict[str, Any]:
-    """Assemble, QC, sidecar, outputs and artifacts; then mark the job succeeded."""
+    """Assemble, QC and sidecar under this epoch; mark the job succeeded (fenced); then
+    publish the user's output and the UI's artifacts."""
     job_id, pipeline, params, inputs, plan = (
         work.job_id,
         work.pipeline,
@@ -560,23 +650,27 @@ def _finish(
     )
     checkpoints, rendered, config = work.checkpoints, work.rendered, work.pipeline.config
     key = f"job-{job_id[:12]}"
-    final, final_key = assemble(svc, job_id, checkpoints, inputs, params)
+    final, final_key = assemble(svc, lease, job_id, checkpoints, inputs, params, plan)
     qc = quality(svc, final, inputs, plan)
     sidecar = {
         "job_id": job_id,
-        "name": name,
-        "batch": batch_name,
+        "name": job.name,
+        "batch": job.batch_name,
         "seed": params.seed,
         "params": params.to_dict(),
+        "inputs": {"image_sha256": job.image_sha256, "audio_sha256": job.audio_sha256},
         "weights_sha256": pipeline.bundle.sha256 if pipeline.bundle else None,
         "model_config": config.name,
         "face_region": {"box_in_portrait": inputs.face_box, "source": inputs.face_source},
         "frames": plan.total_frames,
         "fps": svc.settings.fps,
+        "plan_sha256": plan.sha256,
+        "lease_epoch": lease.epoch,
         "segments": [
             {
                 "index": c.index,
                 "manifest_sha256": c.manifest_sha256,
+                "epoch": c.manifest.get("epoch"),
                 "render_seconds": c.manifest.get("render_seconds"),
             }
             for c in checkpoints
@@ -587,41 +681,45 @@ def _finish(
         "software": software_versions(),
         "timings": {"run_seconds": time.perf_counter() - started},
     }
-    svc.store.put_bytes(f"jobs/{job_id}/qc.json", json.dumps(qc, indent=2).encode())
+    prefix = output_prefix(job_id, lease.epoch)
+    svc.store.put_bytes(f"{prefix}qc.json", json.dumps(qc, indent=2).encode())
     svc.store.put_bytes(
-        f"jobs/{job_id}/sidecar.json", json.dumps(sidecar, indent=2, sort_keys=True).encode()
+        f"{prefix}sidecar.json", json.dumps(sidecar, indent=2, sort_keys=True).encode()
     )
-    target = _publish_output(final, Path(output), sidecar) if output else None
     output_uri = svc.store.uri(final_key)
+    lease.verify()  # only the lease holder may finish the job
+    try:
+        with svc.sessions() as session:
+            finish_job(
+                session=session,
+                job_id=job_id,
+                epoch=lease.epoch,
+                output_uri=output_uri,
+                qc=qc,
+                actor=lease.owner,
+                reason=f"{rendered} segment(s) rendered this run",
+            )
+    except EpochSuperseded as error:
+        lease.fenced(error)
+    target = _publish_output(final, Path(output), sidecar) if output else None
     create_table_artifact(
         key=f"{key}-qc",
         table=[{"measure": k, "value": str(v)} for k, v in qc.items() if k != "thresholds"],
-        description=f"QC of {batch_name}/{name}",
+        description=f"QC of {job.batch_name}/{job.name}",
     )
     create_link_artifact(
         key=f"{key}-video",
         link=svc.store.url_for(final_key),
-        link_text=f"{name}{final.suffix}",
-        description=f"final video of {batch_name}/{name}",
+        link_text=f"{job.name}{final.suffix}",
+        description=f"final video of {job.batch_name}/{job.name}",
     )
-    lease.verify()  # only the lease holder may finish the job
-    with svc.sessions() as session:
-        record_result(
-            session=session, job_id=job_id, output_uri=output_uri, qc=qc, actor=lease.owner
-        )
-        transition_job(
-            session=session,
-            job_id=job_id,
-            to=JobStatus.SUCCEEDED,
-            actor=lease.owner,
-            reason=f"{rendered} segment(s) rendered this run",
-        )
     shutil.rmtree(inputs.scratch, ignore_errors=True)
     return {
         "job_id": job_id,
         "status": JobStatus.SUCCEEDED.value,
         "flow_run_id": sidecar["prefect_flow_run"],
-        "qc_uri": svc.store.uri(f"jobs/{job_id}/qc.json"),
+        "qc_uri": svc.store.uri(f"{prefix}qc.json"),
+        "sidecar_uri": svc.store.uri(f"{prefix}sidecar.json"),
         "output_uri": output_uri,
         "output": str(target) if target else None,
         "qc": qc,

@@ -1,15 +1,20 @@
 """submit_batch: validate a manifest, pre-flight every job, register the batch, dispatch jobs.
 
-Idempotent: the manifest's sha256 names the batch and its jobs, so submitting the same
-manifest again finds the same batch (its inputs are not copied again) and dispatches only
-jobs that still need rendering. Nothing is registered while any job is invalid.
+A batch is its content: the manifest's bytes and the bytes of every input it names (fetched
+and hashed at each submit) name the batch and its jobs. Submitting the same manifest over the
+same inputs again finds the same batch and dispatches only jobs that still need rendering; an
+input edited in place makes a new batch of new jobs, and the old ones stay as they were.
+Inputs are stored content-addressed (``inputs/<sha256>.<ext>``); each job pins the weights
+bundle configured at registration (a copy is kept in the store under its hash). Nothing is
+registered while any job is invalid.
 """
 
 from __future__ import annotations
 
 import logging
+import shutil
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -26,15 +31,19 @@ from db.models import Job, JobStatus
 from emo import media
 from emo.errors import EmoError, JobStateError
 from emo.manifest import Manifest, ManifestError, parse_manifest
-from emo.models.config import FULL
 from emo.plan import frame_count
 from emo.render import (
+    batch_key,
+    check_frame_layout,
     estimate_seconds,
     fetch,
     job_id_for,
+    pin_bundle,
     portrait_region,
     resolve_params,
+    resolve_weights,
 )
+from emo.store.base import sha256_stream
 from flows.context import Services, services
 from flows.render_track import render_track
 
@@ -42,13 +51,25 @@ log = logging.getLogger(__name__)
 ACTOR = "submit-batch"
 
 
+@dataclass(frozen=True)
+class FetchedInputs:
+    """One job's inputs copied locally, with the sha256 of their bytes."""
+
+    name: str
+    image_uri: str  # as resolved from the manifest
+    audio_uri: str
+    image: Path
+    audio: Path
+    image_sha256: str
+    audio_sha256: str
+
+
 @dataclass
 class PreparedJob:
     """A validated job: where its inputs are locally, and what rendering it will take."""
 
     spec: JobSpec
-    image: Path
-    audio: Path
+    inputs: FetchedInputs
     seconds: float
     clips: int
     estimate_seconds: float
@@ -77,54 +98,88 @@ def _resolve(uri: str, base: str) -> str:
 
 
 @task(cache_policy=NO_CACHE)
-def preflight(
-    svc: Services, manifest: Manifest, sha256: str, base: str, source: str
-) -> list[PreparedJob]:
-    """Decode every input, find every face, estimate the work; report all problems at once."""
-    settings = svc.settings
-    scratch = settings.home / "scratch" / f"submit-{sha256[:16]}"
-    prepared, problems = [], []
+def fetch_inputs(
+    svc: Services, manifest: Manifest, sha256: str, base: str
+) -> list[FetchedInputs | str]:
+    """Copy every job's image and audio locally and hash the copies (what the job renders is
+    what was hashed); a job whose inputs cannot be fetched gets its problem instead."""
+    scratch = svc.settings.home / "scratch" / f"submit-{sha256[:16]}"
+    fetched: list[FetchedInputs | str] = []
     for row, job in enumerate(manifest.jobs, start=1):
+        folder = scratch / f"{row:05d}"
+        image_uri, audio_uri = _resolve(job.image, base), _resolve(job.audio, base)
+        try:
+            image, audio = (
+                fetch(uri, folder / kind / _name(uri), base_dir=Path(base), settings=svc.settings)
+                for kind, uri in (("image", image_uri), ("audio", audio_uri))
+            )
+        except EmoError as error:
+            fetched.append(f"job {job.name!r} (row {row}): {error}")
+            continue
+        fetched.append(
+            FetchedInputs(
+                name=job.name,
+                image_uri=image_uri,
+                audio_uri=audio_uri,
+                image=image,
+                audio=audio,
+                image_sha256=_sha256(image),
+                audio_sha256=_sha256(audio),
+            )
+        )
+    return fetched
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as stream:
+        return sha256_stream(stream)
+
+
+@task(cache_policy=NO_CACHE)
+def preflight(
+    svc: Services,
+    manifest: Manifest,
+    key: str,
+    fetched: list[FetchedInputs | str],
+    weights: Path,
+    source: str,
+) -> list[PreparedJob]:
+    """Decode every input, find every face, estimate the work; report all problems at once
+    (with those of inputs that could not be fetched)."""
+    from emo.bundle import read_bundle_info
+
+    settings = svc.settings
+    bundle = read_bundle_info(weights)
+    config = bundle.config
+    check_frame_layout(settings, config.clip_frames, config.motion_frames)
+    prepared, problems = [], []
+    for row, (job, inputs) in enumerate(zip(manifest.jobs, fetched, strict=True), start=1):
         place = f"job {job.name!r} (row {row})"
-        job_id = job_id_for(sha256, job.name)
+        if isinstance(inputs, str):
+            problems.append(inputs)
+            continue
+        job_id = job_id_for(key, job.name)
         options = manifest.job_options(job)
         params = resolve_params(
             options,
             job_id=job_id,
             settings=settings,
-            model_steps=FULL.steps,
-            model_guidance=FULL.guidance_scale,
+            model_steps=config.steps,
+            model_guidance=config.guidance_scale,
         )
-        image_uri, audio_uri = _resolve(job.image, base), _resolve(job.audio, base)
         try:
-            image = fetch(
-                image_uri,
-                scratch / job_id / "image" / _name(job.image),
-                base_dir=Path(base),
-                settings=settings,
-            )
-            audio = fetch(
-                audio_uri,
-                scratch / job_id / "audio" / _name(job.audio),
-                base_dir=Path(base),
-                settings=settings,
-            )
-            pixels = media.load_image(image)
+            pixels = media.load_image(inputs.image)
             region = portrait_region(pixels, params, Path(job.image).name)
-            samples = media.load_audio(audio, settings.sample_rate)
+            samples = media.load_audio(inputs.audio, settings.sample_rate)
         except EmoError as error:
             message = str(error)
-            for local, uri in (
-                (scratch / job_id / "image", image_uri),
-                (scratch / job_id / "audio", audio_uri),
-            ):
-                for candidate in local.glob("*"):  # name the user's file, not our copy
-                    message = message.replace(str(candidate), uri)
+            for local, uri in ((inputs.image, inputs.image_uri), (inputs.audio, inputs.audio_uri)):
+                message = message.replace(str(local), uri)  # name the user's file, not our copy
             problems.append(f"{place}: {message}")
             continue
 
         clips = -(
-            -frame_count(samples.size, settings.sample_rate, settings.fps) // settings.clip_frames
+            -frame_count(samples.size, settings.sample_rate, settings.fps) // config.clip_frames
         )
         spec = JobSpec(
             name=job.name,
@@ -134,15 +189,17 @@ def preflight(
             priority=options.get("priority", 0),
             max_attempts=settings.max_attempts,
             id=job_id,
+            image_sha256=inputs.image_sha256,
+            audio_sha256=inputs.audio_sha256,
+            weights_sha256=bundle.sha256,
         )
         prepared.append(
             PreparedJob(
                 spec=spec,
-                image=image,
-                audio=audio,
+                inputs=inputs,
                 seconds=samples.size / settings.sample_rate,
                 clips=clips,
-                estimate_seconds=estimate_seconds(clips, params.steps, "full"),
+                estimate_seconds=estimate_seconds(clips, params.steps, config.name),
                 face=region.source,
             )
         )
@@ -155,31 +212,36 @@ def _name(uri: str) -> str:
     return Path(urlparse(uri).path).name or "input"
 
 
+def input_key(sha256: str, name: str) -> str:
+    """Content-addressed key of an input; the original suffix helps tools that probe it."""
+    suffix = Path(name).suffix.lower()
+    return f"inputs/{sha256}{suffix if suffix[1:].isalnum() else ''}"
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
-def upload_inputs(svc: Services, jobs: list[PreparedJob]) -> list[JobSpec]:
-    """Copy each job's inputs under jobs/<job>/inputs/; the specs then point at them."""
+def upload_inputs(svc: Services, jobs: list[PreparedJob], weights: Path) -> list[JobSpec]:
+    """Store each input under its hash (once, whoever else uses it) and pin the weights
+    bundle in the store; the specs then point at the stored copies."""
+    pin_bundle(svc.store, weights)
     specs = []
     for job in jobs:
-        job_id = job.spec.id
-        image_key = f"jobs/{job_id}/inputs/image/{job.image.name}"
-        audio_key = f"jobs/{job_id}/inputs/audio/{job.audio.name}"
-
-        svc.store.put_file(image_key, job.image)
-        svc.store.put_file(audio_key, job.audio)
-        spec = job.spec
+        inputs, spec = job.inputs, job.spec
+        keys = []
+        for path, sha in ((inputs.image, inputs.image_sha256), (inputs.audio, inputs.audio_sha256)):
+            key = input_key(sha, path.name)
+            if not (svc.store.exists(key) and svc.store.stat(key).size == path.stat().st_size):
+                svc.store.put_file(key, path)
+            keys.append(key)
         specs.append(
-            JobSpec(
-                name=spec.name,
-                image_uri=svc.store.uri(image_key),
-                audio_uri=svc.store.uri(audio_key),
+            replace(
+                spec,
+                image_uri=svc.store.uri(keys[0]),
+                audio_uri=svc.store.uri(keys[1]),
                 params={
                     **spec.params,
                     "source_image": spec.image_uri,
                     "source_audio": spec.audio_uri,
                 },
-                priority=spec.priority,
-                max_attempts=spec.max_attempts,
-                id=job_id,
             )
         )
     return specs
@@ -300,17 +362,22 @@ def submit_batch(
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)
-    with svc.sessions() as session:
-        existing = find_batch(session=session, manifest_sha256=sha)
+    fetched = fetch_inputs(svc, parsed, sha, base)
+    hashes = [(f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)]
+    key = batch_key(sha, hashes)
+    with svc.sessions() as session:  # a batch with unfetchable inputs was never registered
+        existing = find_batch(session=session, manifest_sha256=key)
     if existing is None:
-        prepared = preflight(svc, parsed, sha, base, manifest)
-        specs = upload_inputs(svc, prepared)
+        weights = resolve_weights(svc.settings)
+        prepared = preflight(svc, parsed, key, fetched, weights, manifest)
+        specs = upload_inputs(svc, prepared, weights)
         with svc.sessions() as session:
             batch, created = register_batch(
-                session=session, name=parsed.name, manifest_sha256=sha, jobs=specs, actor=ACTOR
+                session=session, name=parsed.name, manifest_sha256=key, jobs=specs, actor=ACTOR
             )
     else:
         batch, created = existing, False
+    shutil.rmtree(svc.settings.home / "scratch" / f"submit-{sha[:16]}", ignore_errors=True)
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)
         todo = [

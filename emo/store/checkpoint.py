@@ -1,15 +1,18 @@
 """Segment checkpoints: data objects first, ``manifest.json`` last, verified on read.
 
-Layout (one attempt directory per render, so a re-render never touches earlier objects)::
+Layout (one attempt directory per render, named by the writer's lease epoch, so a re-render
+never touches earlier objects)::
 
-    jobs/<job>/segments/<index:05d>/<render_id>/video.mp4
-    jobs/<job>/segments/<index:05d>/<render_id>/motion.safetensors
-    jobs/<job>/segments/<index:05d>/<render_id>/manifest.json   <- written last
+    jobs/<job>/segments/<index:05d>/e<epoch:06d>-<render_id>/video.mp4
+    jobs/<job>/segments/<index:05d>/e<epoch:06d>-<render_id>/motion.safetensors
+    jobs/<job>/segments/<index:05d>/e<epoch:06d>-<render_id>/manifest.json   <- written last
 
-The manifest holds the sha256 and size of every data object plus the caller's metadata
-(frame and sample ranges, seed, weights hash, parameters, previous segment's manifest hash).
-A segment is done when some attempt's manifest exists and every object it names verifies;
-otherwise it reads as absent. Writing over a segment that already verifies is refused.
+The manifest holds the sha256 and size of every data object plus the *binding*: everything
+the segment depends on (job, inputs, plan, frame layout, ranges, weights, parameters, the
+previous segment's manifest hash) and the writer's lease epoch. An attempt counts for a render
+only if every object verifies and every bound field equals what that render expects; anything
+else reads as absent, with the reason logged. Which of several good attempts counts is the
+database's word (the attempt its segment row records), not the store's listing order.
 """
 
 from __future__ import annotations
@@ -24,13 +27,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from emo.errors import CheckpointExists, ObjectNotFound, StoreError
+from emo.errors import ObjectNotFound, StoreError
 from emo.store.base import ObjectStore, sha256_stream
 
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: binding fields and the lease epoch
 
 
 @dataclass(frozen=True)
@@ -39,7 +42,7 @@ class SegmentCheckpoint:
 
     job_id: str
     index: int
-    prefix: str  # jobs/<job>/segments/<index>/<render_id>/
+    prefix: str  # jobs/<job>/segments/<index>/e<epoch>-<render_id>/
     manifest: dict[str, Any]
     manifest_sha256: str
 
@@ -93,19 +96,62 @@ def verify_manifest(store: ObjectStore, manifest_key: str) -> SegmentCheckpoint 
         return None
 
 
-def read_segment_checkpoint(
-    store: ObjectStore, *, job_id: str, index: int
-) -> SegmentCheckpoint | None:
-    """The segment's verified checkpoint (the oldest attempt that verifies), or None."""
-    manifests = [
+def _normal(value: Any) -> Any:
+    """A value as a JSON manifest stores it (tuples become lists), for comparison."""
+    return json.loads(json.dumps(value))
+
+
+def binding_mismatch(manifest: Mapping[str, Any], expect: Mapping[str, Any]) -> str | None:
+    """Why a checkpoint's manifest does not fit ``expect`` (field: found vs expected), or None."""
+    problems = []
+    for name, wanted in expect.items():
+        found = manifest.get(name)
+        if _normal(found) != _normal(wanted):
+            problems.append(f"{name} {_short(found)} (expected {_short(wanted)})")
+    return "; ".join(problems) or None
+
+
+def _short(value: Any) -> str:
+    text = json.dumps(_normal(value), sort_keys=True)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def attempt_manifests(store: ObjectStore, job_id: str, index: int) -> list[str]:
+    """Manifest keys of every attempt of one segment, oldest epoch and render first."""
+    return sorted(
         info.key
         for info in store.list(segment_prefix(job_id, index))
         if info.key.endswith("/" + MANIFEST)
-    ]
-    for key in sorted(manifests):
+    )
+
+
+def read_segment_checkpoint(
+    store: ObjectStore,
+    *,
+    job_id: str,
+    index: int,
+    expect: Mapping[str, Any] | None = None,
+    recorded_key: str | None = None,
+) -> SegmentCheckpoint | None:
+    """The attempt of a segment that verifies and fits ``expect`` (every bound field), or None.
+
+    ``recorded_key`` (the manifest the database records for the segment) is tried first: the
+    database decides between good attempts. Otherwise the oldest attempt that fits wins (a
+    render that died after writing it, before recording it). Misfits are logged, never raised.
+    """
+    keys = attempt_manifests(store, job_id, index)
+    if recorded_key in keys:
+        keys.remove(recorded_key)
+        keys.insert(0, recorded_key)
+    for key in keys:
         checkpoint = verify_manifest(store, key)
-        if checkpoint is not None:
+        if checkpoint is None:
+            continue
+        reason = binding_mismatch(checkpoint.manifest, {"job_id": job_id, "index": index})
+        reason = reason or binding_mismatch(checkpoint.manifest, expect or {})
+        if reason is None:
             return checkpoint
+        log.warning("checkpoint %s does not fit this render: %s", key, reason)
     return None
 
 
@@ -114,20 +160,16 @@ def write_segment_checkpoint(
     *,
     job_id: str,
     index: int,
+    epoch: int,
     files: Mapping[str, Path],
     meta: Mapping[str, Any],
 ) -> SegmentCheckpoint:
-    """Upload ``files`` (name -> local path), then the manifest; return the new checkpoint.
+    """Upload ``files`` (name -> local path), then the manifest, as a new attempt.
 
-    Raises ``CheckpointExists`` if the segment already has a verified checkpoint: a verified
-    checkpoint is never modified or shadowed.
+    A new attempt never overwrites another's objects (its directory is new); it counts once
+    the database records it (``db.segments.record_segment_done``, fenced by ``epoch``).
     """
-    if read_segment_checkpoint(store, job_id=job_id, index=index) is not None:
-        raise CheckpointExists(
-            f"segment {index} of job {job_id} already has a verified "
-            "checkpoint; it is never rewritten"
-        )
-    prefix = f"{segment_prefix(job_id, index)}{_render_id()}/"
+    prefix = f"{segment_prefix(job_id, index)}e{epoch:06d}-{_render_id()}/"
     entries = {}
     for name, path in files.items():
         if "/" in name or name == MANIFEST:
@@ -140,6 +182,7 @@ def write_segment_checkpoint(
         "format": FORMAT_VERSION,
         "job_id": job_id,
         "index": index,
+        "epoch": epoch,
         "created_at": datetime.now(UTC).isoformat(),
         "files": entries,
     }

@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
+
 import numpy as np
 import pytest
 from sqlalchemy import func, select
 
 from db.batches import JobSpec, register_batch
 from db.events import job_events
-from db.jobs import get_job, requeue_job, transition_job
-from db.models import Event, Job, JobStatus, SegmentStatus
+from db.jobs import finish_job, get_job, requeue_job, transition_job
+from db.leases import acquire_lease
+from db.models import Event, Job, JobStatus, SegmentStatus, utcnow
 from db.segments import list_segments, record_segment_done, store_plan
-from emo.errors import JobStateError
+from emo.errors import EpochSuperseded, JobStateError
 from emo.plan import plan_segments
 
 S = JobStatus
@@ -133,6 +136,7 @@ def test_segment_completion_is_recorded(session) -> None:
     audio = np.ones(16000 * 3, dtype=np.float32)
     plan = plan_segments(audio, sample_rate=16000, fps=25, clip_frames=12, segment_seconds=1)
     store_plan(session=session, job_id=job_id, plan=plan, actor="flow")
+    lease = acquire_lease(session=session, job_id=job_id, owner="flow", ttl_seconds=60)
     record_segment_done(
         session=session,
         job_id=job_id,
@@ -141,9 +145,67 @@ def test_segment_completion_is_recorded(session) -> None:
         manifest_sha256="c" * 64,
         render_seconds=12.5,
         actor="flow",
+        epoch=lease.epoch,
     )
     segments = list_segments(session=session, job_id=job_id)
     assert [s.status for s in segments[:2]] == [SegmentStatus.PENDING, SegmentStatus.DONE]
     assert segments[1].render_seconds == 12.5 and segments[1].completed_at is not None
+    assert segments[1].epoch == lease.epoch == 1
     done = [e for e in job_events(session=session, job_id=job_id) if e.kind == "segment.done"]
     assert len(done) == 1 and done[0].segment_index == 1
+
+
+def test_a_superseded_epoch_can_neither_record_nor_finish(session) -> None:
+    """Every acquisition moves the job's epoch on; the displaced holder's writes are refused
+    and leave nothing behind, the current holder's go through."""
+    batch, _ = _batch(session)
+    job_id = batch.jobs[0].id
+    audio = np.ones(16000 * 3, dtype=np.float32)
+    plan = plan_segments(audio, sample_rate=16000, fps=25, clip_frames=12, segment_seconds=1)
+    store_plan(session=session, job_id=job_id, plan=plan, actor="flow")
+    transition_job(session=session, job_id=job_id, to=S.RUNNING, actor="old")
+    old = acquire_lease(session=session, job_id=job_id, owner="old", ttl_seconds=1).epoch
+    later = utcnow() + timedelta(seconds=5)  # the old lease has expired: taken over
+    new = acquire_lease(session=session, job_id=job_id, owner="new", ttl_seconds=60, now=later)
+    assert (old, new.epoch) == (1, 2) and get_job(session=session, job_id=job_id).lease_epoch == 2
+
+    def record(epoch: int, sha: str) -> None:
+        record_segment_done(
+            session=session,
+            job_id=job_id,
+            index=0,
+            checkpoint_uri=f"s3://b/{sha}/manifest.json",
+            manifest_sha256=sha * 64,
+            render_seconds=1.0,
+            actor="x",
+            epoch=epoch,
+        )
+
+    with pytest.raises(EpochSuperseded, match="epoch 1, but the job is at epoch 2"):
+        record(old, "o")
+    with pytest.raises(EpochSuperseded):
+        finish_job(
+            session=session,
+            job_id=job_id,
+            epoch=old,
+            output_uri="s3://b/old.mp4",
+            qc={},
+            actor="old",
+            reason="done",
+        )
+    job = get_job(session=session, job_id=job_id)
+    assert job.status is S.RUNNING and job.output_uri is None
+    assert list_segments(session=session, job_id=job_id)[0].status is SegmentStatus.PENDING
+    record(new.epoch, "n")
+    finish_job(
+        session=session,
+        job_id=job_id,
+        epoch=new.epoch,
+        output_uri="s3://b/new.mp4",
+        qc={},
+        actor="new",
+        reason="done",
+    )
+    job = get_job(session=session, job_id=job_id)
+    assert job.status is S.SUCCEEDED and job.output_uri == "s3://b/new.mp4"
+    assert list_segments(session=session, job_id=job_id)[0].manifest_sha256 == "n" * 64

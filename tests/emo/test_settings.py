@@ -16,8 +16,8 @@ def test_embedded_defaults_live_under_home(tmp_path: Path) -> None:
     assert settings.home == home
     assert settings.resolved_database_url == f"sqlite:///{home / 'emo.db'}"
     assert settings.resolved_store_url == f"file://{home / 'store'}"
-    assert (settings.fps, settings.sample_rate, settings.clip_frames) == (25, 16000, 12)
-    assert (settings.motion_frames, settings.segment_seconds) == (4, 20.0)
+    assert (settings.fps, settings.sample_rate, settings.clip_frames) == (25, 16000, None)
+    assert (settings.motion_frames, settings.segment_seconds) == (None, 20.0)  # the bundle decides
     assert settings.samples_per_frame == 640
 
 

@@ -49,7 +49,10 @@ def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
     with _session(studio) as session:
         job = session.get(Job, job_id)
         assert job.status is JobStatus.SUCCEEDED and job.attempt == 1
-        assert job.output_uri == f"{studio.store.url}/jobs/{job_id}/final.mp4"
+        out = f"jobs/{job_id}/output/e{job.lease_epoch:06d}/"  # the finishing render's epoch
+        assert job.output_uri == f"{studio.store.url}/{out}final.mp4" and job.lease_epoch == 1
+        assert job.image_sha256 and job.audio_sha256 and job.weights_sha256
+        assert job.image_uri == f"{studio.store.url}/inputs/{job.image_sha256}.png"
         assert job.qc is not None and "seam_jitter" in job.qc
         segments = job.segments
         assert [s.status for s in segments] == [SegmentStatus.DONE] * 3
@@ -64,8 +67,9 @@ def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
     for segment in segments:
         checkpoint = read_segment_checkpoint(studio.store, job_id=job_id, index=segment.index)
         assert checkpoint is not None and checkpoint.manifest_sha256 == segment.manifest_sha256
-    assert studio.store.exists(f"jobs/{job_id}/qc.json")
-    assert studio.store.exists(f"jobs/{job_id}/sidecar.json")
+    assert studio.store.exists(f"{out}qc.json")
+    assert studio.store.exists(f"{out}sidecar.json")
+    assert studio.store.exists(f"weights/{job.weights_sha256}/emo.json")  # pinned copy
 
     # What an operator sees in the Prefect UI, read back through Prefect's API.
     from prefect.client.schemas.filters import (
@@ -100,7 +104,7 @@ def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
     assert len(segments_runs) == 3 and segments_runs[0].startswith("segment 0 (0:00.0-")
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert qc.type == "table" and "seam_jitter" in json.dumps(qc.data)
-    assert f"jobs/{job_id}/final.mp4" in str(video.data)  # a link to the final video
+    assert f"{out}final.mp4" in str(video.data)  # a link to the final video
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[0]["job"] == "solo" and rows[0]["status"] == "succeeded"
     assert {"job", "status", "duration_s", "qc", "output"} <= set(rows[0])

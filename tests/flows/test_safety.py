@@ -3,13 +3,13 @@ splice in checkpoints from other weights, delete a user's files, or lose an inbo
 
 from __future__ import annotations
 
-import json
 import shutil
 import threading
 import time
 from datetime import timedelta
 from pathlib import Path
 
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -18,12 +18,14 @@ from db.events import job_events
 from db.leases import acquire_lease
 from db.models import Job, JobStatus, Segment, SegmentStatus, utcnow
 from emo.errors import EmoError
+from emo.models.config import TINY
+from emo.plan import plan_segments
 from emo.render import JobParams
 from emo.store import LocalStore
-from emo.store.checkpoint import SegmentCheckpoint
+from emo.store.checkpoint import read_segment_checkpoint, write_segment_checkpoint
 from flows.context import LeaseHeld
 from flows.nightly import claim_manifest
-from flows.render_track import _check_reusable, _replace_frame_folder, render_track
+from flows.render_track import JobRecord, _replace_frame_folder, render_track, segment_binding
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, manifest
 
@@ -74,17 +76,10 @@ def test_render_that_lost_its_lease_leaves_the_job_to_the_new_holder(
     assert "lease.taken_over" in kinds
 
 
-def _checkpoint(index: int, manifest: dict) -> SegmentCheckpoint:
-    return SegmentCheckpoint(
-        job_id="job",
-        index=index,
-        prefix=f"p/{index}/",
-        manifest=manifest,
-        manifest_sha256=f"m{index}",
-    )
-
-
-def test_checkpoints_from_other_weights_params_or_history_are_refused() -> None:
+def test_checkpoints_from_other_weights_params_inputs_or_history_do_not_count(
+    tmp_path: Path,
+) -> None:
+    """A checkpoint counts only for the render it was made for; any other reads as absent."""
     params = JobParams(
         seed=1,
         steps=4,
@@ -96,21 +91,37 @@ def test_checkpoints_from_other_weights_params_or_history_are_refused() -> None:
         face_policy="error",
         format="mp4",
     )
-    stored = json.loads(json.dumps(params.to_dict()))  # as a manifest holds them
-    good = {"weights_sha256": "w1", "params": stored, "previous_manifest_sha256": None}
-    first = _checkpoint(0, good)
-    _check_reusable(first, None, "w1", params)  # same weights, params and history: reused
-    second = _checkpoint(1, {**good, "previous_manifest_sha256": "m0"})
-    _check_reusable(second, first, "w1", params)
-    with pytest.raises(EmoError, match="segment 0 .* weights w1 .now w2"):
-        _check_reusable(first, None, "w2", params)
+    job = JobRecord("job", "solo", "b", {}, "i" * 64, "a" * 64, "w" * 64)
+    plan = plan_segments(
+        np.ones(48000, np.float32), sample_rate=16000, fps=25, clip_frames=12, segment_seconds=1
+    )
+    store = LocalStore(tmp_path / "store")
+    video = tmp_path / "video.mp4"
+    video.write_bytes(b"frames")
+
+    def binding(**changes) -> dict:
+        found = segment_binding(job, plan, plan.segments[0], params, TINY, "w" * 64, None)
+        return {**found, **changes}
+
+    write_segment_checkpoint(
+        store, job_id="job", index=0, epoch=1, files={"video.mp4": video}, meta=binding()
+    )
+
+    def fits(expect: dict) -> bool:
+        return read_segment_checkpoint(store, job_id="job", index=0, expect=expect) is not None
+
+    assert fits(binding())
     other = JobParams(**{**params.__dict__, "steps": 8})
-    with pytest.raises(EmoError, match="different parameters"):
-        _check_reusable(first, None, "w1", other)
-    with pytest.raises(EmoError, match="different previous segment"):
-        _check_reusable(
-            _checkpoint(1, {**good, "previous_manifest_sha256": "x"}), first, "w1", params
-        )
+    for changed in (
+        {"weights_sha256": "v" * 64},
+        {"params": other.to_dict()},
+        {"previous_manifest_sha256": "m" * 64},
+        {"audio_sha256": "b" * 64},
+        {"plan_sha256": "p" * 64},
+        {"clip_frames": 16},
+        {"fps": 30},
+    ):
+        assert not fits(binding(**changed)), changed
 
 
 def test_png_output_never_deletes_a_users_folder(tmp_path: Path) -> None:

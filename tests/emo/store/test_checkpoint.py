@@ -1,4 +1,5 @@
-"""Segment checkpoints: manifest last, verified on read, never rewritten once verified."""
+"""Segment checkpoints: manifest last, verified and matched to the render on read, never
+rewritten; the database's record decides between good attempts."""
 
 from __future__ import annotations
 
@@ -7,7 +8,6 @@ from pathlib import Path
 
 import pytest
 
-from emo.errors import CheckpointExists
 from emo.store import LocalStore, ObjectStore
 from emo.store.checkpoint import (
     MANIFEST,
@@ -44,8 +44,10 @@ def files(tmp_path: Path) -> dict[str, Path]:
     return {"video.mp4": video, "motion.safetensors": motion}
 
 
-def _write(store: ObjectStore, files: dict[str, Path], index: int = 3):
-    return write_segment_checkpoint(store, job_id="job1", index=index, files=files, meta=META)
+def _write(store: ObjectStore, files: dict[str, Path], index: int = 3, epoch: int = 1, **meta):
+    return write_segment_checkpoint(
+        store, job_id="job1", index=index, epoch=epoch, files=files, meta={**META, **meta}
+    )
 
 
 def test_written_checkpoint_reads_back_verified(store: ObjectStore, files) -> None:
@@ -87,14 +89,33 @@ def test_missing_data_object_or_bad_manifest_reads_as_absent(store: ObjectStore,
     assert read_segment_checkpoint(store, job_id="job1", index=5) is None
 
 
-def test_verified_checkpoint_is_never_rewritten(store: ObjectStore, files) -> None:
-    written = _write(store, files)
-    before = {i.key: store.sha256(i.key) for i in store.list(segment_prefix("job1", 3))}
-    with pytest.raises(CheckpointExists):
-        _write(store, files)
-    after = {i.key: store.sha256(i.key) for i in store.list(segment_prefix("job1", 3))}
-    assert after == before
-    assert read_segment_checkpoint(store, job_id="job1", index=3).prefix == written.prefix
+def test_a_second_attempt_leaves_the_first_and_the_record_decides(
+    store: ObjectStore, files
+) -> None:
+    first = _write(store, files, epoch=1)
+    before = {i.key: store.sha256(i.key) for i in store.list(first.prefix)}
+    second = _write(store, files, epoch=2)
+    assert second.prefix != first.prefix and "/e000002-" in second.prefix
+    assert {i.key: store.sha256(i.key) for i in store.list(first.prefix)} == before
+    # Without a record the oldest good attempt counts; with one, the recorded attempt does.
+    assert read_segment_checkpoint(store, job_id="job1", index=3).prefix == first.prefix
+    recorded = second.prefix + MANIFEST
+    found = read_segment_checkpoint(store, job_id="job1", index=3, recorded_key=recorded)
+    assert found.prefix == second.prefix
+
+
+def test_an_attempt_that_does_not_fit_the_render_reads_as_absent(
+    store: ObjectStore, files, caplog: pytest.LogCaptureFixture
+) -> None:
+    _write(store, files, audio_sha256="a" * 64, fps=25)
+    fits = {"audio_sha256": "a" * 64, "fps": 25, "frames": (0, 120)}  # tuples match lists
+    assert read_segment_checkpoint(store, job_id="job1", index=3, expect=fits) is not None
+    other = {**fits, "audio_sha256": "b" * 64}
+    assert read_segment_checkpoint(store, job_id="job1", index=3, expect=other) is None
+    assert "audio_sha256" in caplog.text and "expected" in caplog.text
+    later = _write(store, files, audio_sha256="b" * 64, fps=25)
+    found = read_segment_checkpoint(store, job_id="job1", index=3, expect=other)
+    assert found is not None and found.prefix == later.prefix  # the one that fits is found
 
 
 def test_rerender_of_a_broken_checkpoint_uses_new_keys(store: ObjectStore, files) -> None:
