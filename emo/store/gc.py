@@ -125,7 +125,7 @@ def _judge(
     if parts[2] == "segments" and unit.endswith("/"):
         return _judge_attempt(store, unit, job, int(parts[3]))
     if parts[2] == "output" and unit.endswith("/"):
-        if job.output_uri and job.output_uri.startswith(store.uri(unit)):
+        if job.output_uri and job.output_uri.startswith(f"{store.url.rstrip('/')}/{unit}"):
             return None
         return Garbage("unused-output", unit, "the job's result names another", job_id=job.job_id)
     return None  # legacy layout (inputs, final video of jobs made before revision 0005)
