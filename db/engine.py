@@ -44,7 +44,7 @@ def _retry_connect(engine: Engine, attempts: int, backoff: float) -> None:
         raise AssertionError("unreachable")
 
 
-def _configure_sqlite(engine: Engine) -> None:
+def _configure_sqlite(engine: Engine, foreign_keys: bool) -> None:
     @event.listens_for(engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
         # Let SQLAlchemy's "begin" event below issue BEGIN itself (pysqlite's own handling
@@ -52,7 +52,7 @@ def _configure_sqlite(engine: Engine) -> None:
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
         cursor.execute(f"PRAGMA busy_timeout = {SQLITE_BUSY_TIMEOUT_MS}")
-        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.execute(f"PRAGMA foreign_keys = {'ON' if foreign_keys else 'OFF'}")
         cursor.execute("PRAGMA journal_mode = WAL")
         cursor.close()
 
@@ -66,15 +66,20 @@ def make_engine(
     *,
     connect_attempts: int = CONNECT_ATTEMPTS,
     connect_backoff: float = CONNECT_BACKOFF_SECONDS,
+    sqlite_foreign_keys: bool = True,
     **kwargs: Any,
 ) -> Engine:
-    """An engine for ``url`` with pre-ping, connect retries and per-backend settings."""
+    """An engine for ``url`` with pre-ping, connect retries and per-backend settings.
+
+    ``sqlite_foreign_keys=False`` is for migrations only: SQLite alters a table by copying
+    and dropping it, and with foreign keys enforced that drop would cascade to every row
+    referencing it (a downgrade would empty the segments and leases)."""
     parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if parsed.database and parsed.database != ":memory:":
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
         engine = create_engine(url, pool_pre_ping=True, **kwargs)
-        _configure_sqlite(engine)
+        _configure_sqlite(engine, sqlite_foreign_keys)
     else:
         engine = create_engine(url, pool_pre_ping=True, pool_recycle=1800, **kwargs)
     _retry_connect(engine, connect_attempts, connect_backoff)

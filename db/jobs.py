@@ -190,6 +190,19 @@ def finish_job(
     return job
 
 
+def fail_job(*, session: Session, job_id: str, epoch: int, actor: str, reason: str) -> bool:
+    """running -> failed for the render holding ``epoch``; False (nothing written) if the job
+    is not running. Raises ``EpochSuperseded`` if another render took the job over: a displaced
+    render never fails the job its successor is rendering."""
+    job = require_epoch(session=session, job_id=job_id, epoch=epoch)
+    if job.status is not JobStatus.RUNNING:
+        session.rollback()
+        return False
+    _apply(job, JobStatus.FAILED, session=session, actor=actor, reason=reason)
+    session.commit()
+    return True
+
+
 def repin_weights(*, session: Session, job_id: str, weights_sha256: str, actor: str) -> Job:
     """Pin a failed or queued job to another weights bundle and start it over: its plan and
     segment records go (the new bundle may cut clips differently), its attempts restart, and
@@ -210,6 +223,7 @@ def repin_weights(*, session: Session, job_id: str, weights_sha256: str, actor: 
         session.delete(segment)
     job.weights_sha256, job.plan, job.plan_sha256 = weights_sha256, None, None
     job.attempt, job.output_uri, job.qc = 0, None, None
+    job.lease_epoch += 1  # fences any render of the old pin still running somewhere
     if job.status is JobStatus.FAILED:
         _apply(job, JobStatus.QUEUED, session=session, actor=actor, reason="new weights")
     record_event(

@@ -13,13 +13,19 @@ from emo.errors import JobStateError, NotFound
 from emo.plan import SegmentPlan
 
 
-def store_plan(*, session: Session, job_id: str, plan: SegmentPlan, actor: str) -> list[Segment]:
+def store_plan(
+    *, session: Session, job_id: str, plan: SegmentPlan, actor: str, epoch: int | None = None
+) -> list[Segment]:
     """Store the job's segment plan; the same plan again is a no-op, a different one is refused.
 
     The plan never changes for a job, because checkpoints and motion state are only valid
-    for the segment boundaries they were rendered with.
+    for the segment boundaries they were rendered with. With ``epoch``, only the render holding
+    that lease epoch may store it (``EpochSuperseded`` otherwise).
     """
-    job = get_job(session=session, job_id=job_id, lock=True)
+    if epoch is None:
+        job = get_job(session=session, job_id=job_id, lock=True)
+    else:
+        job = require_epoch(session=session, job_id=job_id, epoch=epoch)
     if job.plan_sha256 is not None:
         session.rollback()
         if job.plan_sha256 != plan.sha256:

@@ -173,6 +173,8 @@ def render(
     manifest = _job_manifest(image, audio, _safe_name(output.stem), options)
     registered = submit_batch(manifest=str(manifest), render=False)
     job_id = next(iter(registered["jobs"].values()))
+    if weights is not None:
+        _require_pinned(job_id, weights)
     with ClipProgress():
         result = render_track(job_id=job_id, output=str(output.absolute()))
     _report(result)
@@ -335,6 +337,24 @@ def resume(
             console.print(f"[red]job {job_id}[/]: {error}")
     if errors:
         raise typer.Exit(1)
+
+
+def _require_pinned(job_id: str, weights: Path) -> None:
+    """`--weights` names a bundle; a job registered earlier with another one renders with the
+    bundle it is pinned to, so say so instead of rendering with weights nobody asked for."""
+    from db.models import Job
+    from emo.render import bundle_sha256, resolve_weights
+    from flows.context import services
+
+    with services().sessions() as session:
+        pinned = session.get(Job, job_id).weights_sha256
+    wanted = bundle_sha256(resolve_weights(get_settings()))  # --weights, as EMO_WEIGHTS
+    if pinned is not None and pinned != wanted:
+        raise SettingsError(
+            f"job {job_id} (these inputs and options) was registered with weights "
+            f"{pinned[:12]}, not {wanted[:12]} ({weights}); `EMO_WEIGHTS={weights} emo resume "
+            f"{job_id[:12]} --new-weights` renders it again with that bundle"
+        )
 
 
 def _repin(reference: str) -> None:

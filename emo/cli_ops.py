@@ -63,6 +63,14 @@ def gc(
             "database restore: resubmitting adopts them)",
         ),
     ] = False,
+    min_age_hours: Annotated[
+        float,
+        typer.Option(
+            min=0,
+            help="leave inputs and bundle copies younger than this (a submit "
+            "stores them before it registers their jobs)",
+        ),
+    ] = 24.0,
 ) -> None:
     """List what no job references any more (lost checkpoint attempts, outputs of displaced
     renders, unused inputs and bundle copies, scratch folders); --delete removes it. A
@@ -75,7 +83,11 @@ def gc(
     with svc.sessions() as session:
         jobs = job_references(session=session)
     items = find_garbage(
-        svc.store, jobs, scratch=svc.settings.home / "scratch", include_unknown_jobs=unknown_jobs
+        svc.store,
+        jobs,
+        scratch=svc.settings.home / "scratch",
+        include_unknown_jobs=unknown_jobs,
+        min_age_seconds=min_age_hours * 3600,
     )
     if not items:
         console.print("nothing to collect")

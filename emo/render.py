@@ -205,7 +205,7 @@ def resolve_weights(settings: Settings) -> Path:
     return path
 
 
-WEIGHTS_PREFIX = "weights"  # store/weights/<sha256>/: bundles pinned by registered jobs
+BUNDLES_PREFIX = "bundles"  # store/bundles/<sha256>/: copies of the bundles jobs are pinned to
 
 
 def bundle_sha256(path: Path) -> str:
@@ -222,13 +222,15 @@ def pin_bundle(store: ObjectStore, path: Path) -> str:
     from emo.bundle import BUNDLE_FILE
 
     sha = bundle_sha256(path)
-    prefix = f"{WEIGHTS_PREFIX}/{sha}/"
-    if store.exists(prefix + BUNDLE_FILE):
-        return sha
-    for file in sorted(p for p in path.rglob("*") if p.is_file()):
-        if file.name != BUNDLE_FILE or file.parent != path:
-            store.put_file(prefix + file.relative_to(path).as_posix(), file)
-    store.put_file(prefix + BUNDLE_FILE, path / BUNDLE_FILE)
+    prefix = f"{BUNDLES_PREFIX}/{sha}/"
+    stored = {info.key: info.size for info in store.list(prefix)}
+    files = {prefix + p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
+    manifest = prefix + BUNDLE_FILE
+    for key, file in sorted(files.items()):
+        if key != manifest and stored.get(key) != file.stat().st_size:  # missing or partial
+            store.put_file(key, file)
+    if stored.get(manifest) != files[manifest].stat().st_size:
+        store.put_file(manifest, files[manifest])
     return sha
 
 
@@ -250,11 +252,11 @@ def pinned_bundle(settings: Settings, store: ObjectStore, sha: str) -> Path:
     local = settings.home / "weights" / "cache" / sha
     if (local / BUNDLE_FILE).is_file():
         return local
-    prefix = f"{WEIGHTS_PREFIX}/{sha}/"
+    prefix = f"{BUNDLES_PREFIX}/{sha}/"
     if not store.exists(prefix + BUNDLE_FILE):
         raise SettingsError(
             f"the job is pinned to weights bundle {sha[:12]}, which is neither EMO_WEIGHTS "
-            f"nor in the cache or the store ({store.uri(prefix)}); `emo resume JOB "
+            f"nor in the cache or the store ({store.url.rstrip('/')}/{prefix}); `emo resume JOB "
             "--new-weights` renders it again with the current bundle"
         )
     _download_bundle(store, prefix, local)
@@ -346,8 +348,13 @@ def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
 
 
 @functools.lru_cache(maxsize=2)
-def load_pipeline(path: str, device: str, dtype: str, fps: int, sample_rate: int) -> EMOPipeline:
-    """One pipeline per bundle and device in a process (weights load once per flow run)."""
+def load_pipeline(
+    path: str, device: str, dtype: str, fps: int, sample_rate: int, sha256: str | None = None
+) -> EMOPipeline:
+    """One pipeline per bundle and device in a process (weights load once per flow run).
+
+    ``sha256`` (the bundle's hash) is part of the cache key, so a bundle replaced in place at
+    the same path is loaded again rather than served from the cache."""
     return EMOPipeline.from_bundle(
         path, device=device, dtype=getattr(torch, dtype), fps=fps, sample_rate=sample_rate
     )

@@ -32,7 +32,7 @@ from prefect.artifacts import (
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import flow_run, task_run
 
-from db.jobs import begin_run, finish_job, get_job, transition_job
+from db.jobs import begin_run, fail_job, finish_job, get_job
 from db.models import JobStatus
 from db.segments import list_segments, record_segment_done, store_plan
 from emo import media, progress
@@ -43,6 +43,7 @@ from emo.pipeline import EMOPipeline, MotionState
 from emo.plan import PlannedSegment, SegmentPlan, plan_segments
 from emo.render import (
     JobParams,
+    bundle_sha256,
     check_frame_layout,
     device_and_dtype,
     load_pipeline,
@@ -156,7 +157,12 @@ def _key(svc: Services, uri: str) -> str:
 
 @task(cache_policy=NO_CACHE)
 def plan_job(
-    svc: Services, job_id: str, audio: np.ndarray, params: JobParams, clip_frames: int
+    svc: Services,
+    lease: JobLease,
+    job_id: str,
+    audio: np.ndarray,
+    params: JobParams,
+    clip_frames: int,
 ) -> SegmentPlan:
     """The job's plan: computed from the audio, the bundle's clip length and the settings, and
     stored once. A stored plan that differs is refused, naming what changed: checkpoints are
@@ -173,7 +179,12 @@ def plan_job(
         job = get_job(session=session, job_id=job_id)
         if job.plan is not None and job.plan_sha256 != plan.sha256:
             raise SettingsError(_plan_change(job_id, SegmentPlan.from_dict(job.plan), plan))
-        store_plan(session=session, job_id=job_id, plan=plan, actor="render-track")
+        try:
+            store_plan(
+                session=session, job_id=job_id, plan=plan, actor="render-track", epoch=lease.epoch
+            )
+        except EpochSuperseded as error:
+            lease.fenced(error)
     return plan
 
 
@@ -212,6 +223,7 @@ def load_model(svc: Services, weights_sha256: str | None) -> EMOPipeline:
         str(dtype).removeprefix("torch."),
         svc.settings.fps,
         svc.settings.sample_rate,
+        bundle_sha256(path),
     )
     found = pipeline.bundle.sha256 if pipeline.bundle else None
     if weights_sha256 is not None and found != weights_sha256:
@@ -523,24 +535,21 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
 
 
 def _mark_failed(svc: Services, lease: JobLease, job_id: str, error: BaseException) -> None:
-    """Record the failure, unless the job now belongs to another render (lease lost)."""
+    """Record the failure, fenced by this render's epoch: a render that lost the job leaves
+    its state to the render that holds it."""
     try:
-        holder = lease.holder()  # the database decides, even if this render stopped itself
-    except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)
-        log.error("job %s: cannot record its failure (%s); it stays running", job_id, failure)
-        return
-    if holder != lease.owner or isinstance(error, EpochSuperseded):
-        log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
-        return
-    with svc.sessions() as session:
-        if get_job(session=session, job_id=job_id).status is JobStatus.RUNNING:
-            transition_job(
+        with svc.sessions() as session:
+            fail_job(
                 session=session,
                 job_id=job_id,
-                to=JobStatus.FAILED,
+                epoch=lease.epoch,
                 actor=lease.owner,
                 reason=(str(error) or type(error).__name__)[:2000],
             )
+    except EpochSuperseded:
+        log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
+    except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)
+        log.error("job %s: cannot record its failure (%s); it stays running", job_id, failure)
 
 
 def _render_job(
@@ -587,7 +596,7 @@ def _render_segments(svc: Services, lease: JobLease, job: JobRecord) -> Rendered
         model_guidance=config.guidance_scale,
     )
     inputs = load_inputs(svc, job, params, config.resolution)
-    plan = plan_job(svc, job_id, inputs.audio, params, config.clip_frames)
+    plan = plan_job(svc, lease, job_id, inputs.audio, params, config.clip_frames)
     progress_id = create_progress_artifact(
         progress=0.0,
         key=f"job-{job_id[:12]}-progress",

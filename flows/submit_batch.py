@@ -12,8 +12,10 @@ registered while any job is invalid.
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
+import uuid
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -27,7 +29,7 @@ from prefect.states import State
 
 from db.batches import JobSpec, find_batch, register_batch
 from db.jobs import fail_crashed_job, requeue_job
-from db.models import Job, JobStatus
+from db.models import Batch, Job, JobStatus
 from emo import media
 from emo.errors import EmoError, JobStateError
 from emo.manifest import Manifest, ManifestError, parse_manifest
@@ -99,11 +101,10 @@ def _resolve(uri: str, base: str) -> str:
 
 @task(cache_policy=NO_CACHE)
 def fetch_inputs(
-    svc: Services, manifest: Manifest, sha256: str, base: str
+    svc: Services, manifest: Manifest, scratch: Path, base: str
 ) -> list[FetchedInputs | str]:
     """Copy every job's image and audio locally and hash the copies (what the job renders is
     what was hashed); a job whose inputs cannot be fetched gets its problem instead."""
-    scratch = svc.settings.home / "scratch" / f"submit-{sha256[:16]}"
     fetched: list[FetchedInputs | str] = []
     for row, job in enumerate(manifest.jobs, start=1):
         folder = scratch / f"{row:05d}"
@@ -128,6 +129,13 @@ def fetch_inputs(
             )
         )
     return fetched
+
+
+def _submit_scratch(svc: Services, sha256: str) -> Path:
+    """This run's own copy folder (two submits of one manifest never share copies)."""
+    return (
+        svc.settings.home / "scratch" / f"submit-{sha256[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+    )
 
 
 def _sha256(path: Path) -> str:
@@ -185,7 +193,9 @@ def preflight(
             name=job.name,
             image_uri=job.image,
             audio_uri=job.audio,
-            params=options,
+            # The segment length is resolved now: it shapes the plan, which must not change
+            # with the environment of whichever worker renders or resumes the job.
+            params={**options, "segment_seconds": params.segment_seconds},
             priority=options.get("priority", 0),
             max_attempts=settings.max_attempts,
             id=job_id,
@@ -245,6 +255,30 @@ def upload_inputs(svc: Services, jobs: list[PreparedJob], weights: Path) -> list
             )
         )
     return specs
+
+
+@task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
+def restore_inputs(svc: Services, batch_id: str, fetched: list[FetchedInputs | str]) -> None:
+    """A batch submitted again: put back any stored input that has gone missing (deleted by
+    hand, or by `emo gc` while it was unreferenced) from this submit's copies of the same bytes."""
+    copies = {}
+    for item in fetched:
+        if not isinstance(item, str):
+            copies[item.image_sha256], copies[item.audio_sha256] = item.image, item.audio
+    with svc.sessions() as session:
+        jobs = list(session.get(Batch, batch_id).jobs)
+        wanted = [
+            (uri, sha)
+            for job in jobs
+            for uri, sha in ((job.image_uri, job.image_sha256), (job.audio_uri, job.audio_sha256))
+            if sha is not None
+        ]
+    prefix = svc.store.url.rstrip("/") + "/"
+    for uri, sha in wanted:
+        key = uri.removeprefix(prefix)
+        if uri.startswith(prefix) and sha in copies and not svc.store.exists(key):
+            log.warning("input %s was missing from the store; stored again", uri)
+            svc.store.put_file(key, copies[sha])
 
 
 def batch_rows(jobs: list[Job]) -> list[dict[str, Any]]:
@@ -362,7 +396,8 @@ def submit_batch(
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)
-    fetched = fetch_inputs(svc, parsed, sha, base)
+    scratch = _submit_scratch(svc, sha)
+    fetched = fetch_inputs(svc, parsed, scratch, base)
     hashes = [(f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)]
     key = batch_key(sha, hashes)
     with svc.sessions() as session:  # a batch with unfetchable inputs was never registered
@@ -377,7 +412,8 @@ def submit_batch(
             )
     else:
         batch, created = existing, False
-    shutil.rmtree(svc.settings.home / "scratch" / f"submit-{sha[:16]}", ignore_errors=True)
+        restore_inputs(svc, batch.id, fetched)
+    shutil.rmtree(scratch, ignore_errors=True)
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)
         todo = [

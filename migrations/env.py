@@ -23,7 +23,7 @@ def run_offline() -> None:
 
 def run_online() -> None:
     """Run against the database; batch mode lets SQLite alter tables."""
-    engine = make_engine(url)
+    engine = make_engine(url, sqlite_foreign_keys=False)  # see make_engine
     try:
         with engine.connect() as connection:
             context.configure(

@@ -10,7 +10,10 @@ Garbage, by kind (anything not listed here is never touched):
 - ``unused-output``: a final video, QC report and sidecar of an epoch the job's row does not
   name (a displaced render's).
 - ``unused-input``: a content-addressed input no job names (its batch was deleted).
-- ``unused-weights``: a pinned bundle copy no job is pinned to.
+- ``unused-bundle``: a copy of a weights bundle (``bundles/<sha256>/``) no job is pinned to.
+
+Inputs and bundle copies younger than ``min_age_seconds`` are left alone: a submit stores them
+before it registers the jobs that name them.
 - ``scratch``: a local scratch folder of a job that no render holds (finished, failed or
   gone), or of a submit more than an hour old.
 - ``unknown-job``: objects of a job id the database does not know. Listed, but deleted only
@@ -30,17 +33,19 @@ import shutil
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime
 from pathlib import Path
 
 from db.references import JobReferences
-from emo.errors import ObjectNotFound
-from emo.store.base import ObjectStore
+from emo.errors import ObjectNotFound, StoreError
+from emo.store.base import ObjectInfo, ObjectStore
 from emo.store.checkpoint import MANIFEST
 
 log = logging.getLogger(__name__)
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 SUBMIT_SCRATCH_SECONDS = 3600
+FIRST = (MANIFEST, "emo.json")  # deleted first: what makes the rest count
 
 
 @dataclass
@@ -56,21 +61,21 @@ class Garbage:
     local: bool = False
 
 
-def _groups(store: ObjectStore) -> dict[str, list[tuple[str, int]]]:
+def _groups(store: ObjectStore) -> dict[str, list[ObjectInfo]]:
     """Store keys grouped by the unit gc decides on (an attempt, an output epoch, an input, a
     bundle copy, a job folder's legacy file), each with its size."""
-    groups: dict[str, list[tuple[str, int]]] = defaultdict(list)
+    groups: dict[str, list[ObjectInfo]] = defaultdict(list)
     for info in store.list(""):
         parts = info.key.split("/")
         if parts[0] == "jobs" and len(parts) >= 6 and parts[2] == "segments":
             unit = "/".join(parts[:5]) + "/"
         elif parts[0] == "jobs" and len(parts) >= 5 and parts[2] == "output":
             unit = "/".join(parts[:4]) + "/"
-        elif parts[0] == "weights" and len(parts) >= 3 and SHA256.match(parts[1]):
+        elif parts[0] == "bundles" and len(parts) >= 3 and SHA256.match(parts[1]):
             unit = "/".join(parts[:2]) + "/"
         else:
             unit = info.key
-        groups[unit].append((info.key, info.size))
+        groups[unit].append(info)
     return groups
 
 
@@ -80,20 +85,53 @@ def find_garbage(
     *,
     scratch: Path,
     include_unknown_jobs: bool = False,
+    min_age_seconds: float = 24 * 3600,
+    now: datetime | None = None,
 ) -> list[Garbage]:
-    """Everything collectable, given every job's references (``db.references``)."""
+    """Everything collectable, given every job's references (``db.references``).
+
+    Raises ``StoreError`` if a job names an object outside this store: the store URL is then
+    spelled differently from when the job was registered, and nothing could be judged."""
+    now = now or datetime.now(UTC)
+    jobs = [_as_keys(store, job) for job in jobs]
     by_id = {job.job_id: job for job in jobs}
-    referenced_uris = {uri for job in jobs for uri in (job.image_uri, job.audio_uri)}
+    referenced = {key for job in jobs for key in (job.image_uri, job.audio_uri)}
     pinned = {job.weights_sha256 for job in jobs}
     found: list[Garbage] = []
     for unit, objects in sorted(_groups(store).items()):
-        item = _judge(store, unit, by_id, referenced_uris, pinned, include_unknown_jobs)
-        if item is not None:
-            item.keys = [key for key, _ in objects]
-            item.size = sum(size for _, size in objects)
-            found.append(item)
+        item = _judge(store, unit, by_id, referenced, pinned, include_unknown_jobs)
+        if item is None:
+            continue
+        newest = max((o.modified for o in objects if o.modified), default=None)
+        young = newest is not None and (now - newest).total_seconds() < min_age_seconds
+        if item.kind in ("unused-input", "unused-bundle") and young:
+            continue
+        item.keys = [o.key for o in objects]
+        item.size = sum(o.size for o in objects)
+        found.append(item)
     found.extend(_scratch(scratch, by_id))
     return found
+
+
+def _as_keys(store: ObjectStore, job: JobReferences) -> JobReferences:
+    """The job's references as keys of ``store`` (gc compares keys, never URL spellings)."""
+    prefix = store.url.rstrip("/") + "/"
+
+    def key(uri: str) -> str:
+        if not uri.startswith(prefix):
+            raise StoreError(
+                f"job {job.job_id} names {uri}, outside the store {store.url}; gc judges "
+                "nothing (is EMO_STORE_URL spelled differently from when the job was made?)"
+            )
+        return uri[len(prefix) :]
+
+    return replace(
+        job,
+        image_uri=key(job.image_uri),
+        audio_uri=key(job.audio_uri),
+        output_uri=key(job.output_uri) if job.output_uri else None,
+        recorded={index: key(uri) for index, uri in job.recorded.items()},
+    )
 
 
 def _judge(
@@ -106,13 +144,13 @@ def _judge(
 ) -> Garbage | None:
     parts = unit.split("/")
     if parts[0] == "inputs" and len(parts) == 2:
-        if store.uri(unit) in inputs:
+        if unit in inputs:
             return None
         return Garbage("unused-input", unit, "no job names this input")
-    if parts[0] == "weights" and unit.endswith("/"):
+    if parts[0] == "bundles" and unit.endswith("/"):
         if parts[1] in pinned:
             return None
-        return Garbage("unused-weights", unit, "no job is pinned to this bundle")
+        return Garbage("unused-bundle", unit, "no job is pinned to this bundle")
     if parts[0] != "jobs" or len(parts) < 3:
         return None
     job = jobs.get(parts[1])
@@ -125,7 +163,7 @@ def _judge(
     if parts[2] == "segments" and unit.endswith("/"):
         return _judge_attempt(store, unit, job, int(parts[3]))
     if parts[2] == "output" and unit.endswith("/"):
-        if job.output_uri and job.output_uri.startswith(f"{store.url.rstrip('/')}/{unit}"):
+        if job.output_uri and job.output_uri.startswith(unit):
             return None
         return Garbage("unused-output", unit, "the job's result names another", job_id=job.job_id)
     return None  # legacy layout (inputs, final video of jobs made before revision 0005)
@@ -135,8 +173,7 @@ def _judge_attempt(
     store: ObjectStore, prefix: str, job: JobReferences, index: int
 ) -> Garbage | None:
     recorded = job.recorded.get(index)
-    manifest_uri = store.uri(prefix + MANIFEST)
-    if recorded == manifest_uri:
+    if recorded == prefix + MANIFEST:
         return None
     if recorded is not None:
         return Garbage("lost-attempt", prefix, "the database records another", job_id=job.job_id)
@@ -184,8 +221,9 @@ def delete_garbage(
     *,
     still_idle: Callable[[str], bool],
 ) -> list[Garbage]:
-    """Delete ``items`` (manifests first, so a half-deleted attempt reads as absent); an item
-    of a job that a render took up since it was found is skipped. Returns what was deleted."""
+    """Delete ``items`` (a checkpoint's manifest and a bundle's emo.json first, so a half-deleted
+    one reads as absent, never as complete); an item of a job that a render took up since it
+    was found is skipped. Returns what was deleted."""
     deleted = []
     for item in items:
         if item.job_id is not None and not still_idle(item.job_id):
@@ -194,7 +232,7 @@ def delete_garbage(
         if item.local:
             shutil.rmtree(item.where, ignore_errors=True)
         else:
-            for key in sorted(item.keys, key=lambda k: not k.endswith("/" + MANIFEST)):
+            for key in sorted(item.keys, key=lambda k: k.rsplit("/", 1)[-1] not in FIRST):
                 store.delete(key)
         deleted.append(item)
     return deleted

@@ -109,3 +109,48 @@ def test_upgrade_applies_the_gpu_limit_only_when_set(
     with session_factory(engine)() as session:
         assert gpu_limit(session=session) == 6
     engine.dispose()
+
+
+def test_downgrading_keeps_the_rows_of_other_tables(empty_db: str) -> None:
+    """SQLite alters a table by copying and dropping it; with foreign keys enforced that drop
+    would cascade, and a downgrade of a jobs column would empty segments and leases."""
+    from sqlalchemy import text
+
+    migrate.upgrade(empty_db)
+    engine = make_engine(empty_db)
+    try:
+        with engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO batches (id, name, manifest_sha256, submitted_by, created_at) "
+                    "VALUES ('b', 'b', 'k', 't', CURRENT_TIMESTAMP)"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO jobs (id, batch_id, name, status, priority, attempt, "
+                    "max_attempts, image_uri, audio_uri, params, created_at, updated_at) "
+                    "VALUES ('j', 'b', 'j', 'running', 0, 1, 3, 'i', 'a', '{}', "
+                    "CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+            connection.execute(
+                text(
+                    'INSERT INTO segments (job_id, "index", frame_start, frame_end, sample_start, '
+                    "sample_end, clip_count, status) VALUES ('j', 0, 0, 12, 0, 7680, 1, 'done')"
+                )
+            )
+            connection.execute(
+                text(
+                    "INSERT INTO leases (job_id, owner, acquired_at, heartbeat_at, expires_at) "
+                    "VALUES ('j', 'o', CURRENT_TIMESTAMP, CURRENT_TIMESTAMP, CURRENT_TIMESTAMP)"
+                )
+            )
+        migrate.downgrade(empty_db, "0004")
+        migrate.downgrade(empty_db, "0001")
+        with engine.connect() as connection:
+            for table in ("jobs", "segments", "leases"):
+                count = connection.execute(text(f"SELECT count(*) FROM {table}")).scalar()
+                assert count == 1, table
+    finally:
+        engine.dispose()

@@ -9,6 +9,7 @@ uninterrupted render of the same content (same seed): identical, not merely simi
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from datetime import timedelta
 from pathlib import Path
@@ -159,7 +160,7 @@ def test_database_lost_store_kept_never_splices_old_segments(
     assert np.array_equal(replanned, original)  # the same frames whatever the segment length
 
 
-def test_a_bundle_that_disagrees_with_emo_clip_frames_is_refused_at_start(
+def test_settings_that_change_the_frames_are_refused_at_start_naming_them(
     studio: Studio, tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job_id = _job(studio, tmp_path, "layout")
@@ -173,6 +174,22 @@ def test_a_bundle_that_disagrees_with_emo_clip_frames_is_refused_at_start(
     with _session(studio) as session:
         job = session.get(Job, job_id)
         assert job.plan is None and job.status is JobStatus.FAILED  # nothing was rendered
+
+    # A half-rendered job resumed under another EMO_FPS: its stored plan no longer matches.
+    monkeypatch.delenv("EMO_CLIP_FRAMES")
+    clear_caches()
+    half = _job(studio, tmp_path, "half")
+    _fail_at_segment_2(monkeypatch, [half])
+    monkeypatch.setenv("EMO_FPS", "20")
+    clear_caches()
+    with pytest.raises(SettingsError, match=r"planned with other settings: EMO_FPS 25 -> 20"):
+        render_track(job_id=half)
+    with _session(studio) as session:
+        assert [s.status.value for s in session.get(Job, half).segments] == [
+            "done",
+            "done",
+            "pending",
+        ]
 
 
 def _take_over(studio: Studio, job_id: str, owner: str = "other-host:1:usurper") -> int:
@@ -217,6 +234,8 @@ def test_a_displaced_render_cannot_record_or_publish_and_its_work_is_adopted(
         assert [s.status.value for s in job.segments] == ["done", "pending", "pending"]
     (written,) = attempt_manifests(studio.store, job_id, 1)  # rendered, never recorded
     assert "/e000001-" in written and verify_manifest(studio.store, written) is not None
+    gc = _gc()
+    assert gc.exit_code == 0 and job_id not in gc.output  # a held job is never collected
 
     # The holder gives the job up; the next render adopts the displaced render's segment 1.
     monkeypatch.setattr(flow, "render_segment", original)
@@ -249,6 +268,18 @@ def test_a_displaced_render_cannot_record_or_publish_and_its_work_is_adopted(
     with _session(studio) as session:
         job = session.get(Job, job_id)
         assert job.status is JobStatus.SUCCEEDED and "/output/e000005/" in job.output_uri
+    gc = _gc()  # the output the displaced epoch-3 render assembled is nobody's
+    assert re.search(rf"unused-output\W+jobs/{job_id}/output/e000003/", gc.output), gc.output
+
+
+def _gc(*args: str):
+    """`emo gc` in this process, one table row per line; inputs of any age."""
+    from typer.testing import CliRunner
+
+    from emo.cli import app
+
+    runner = CliRunner(env={"COLUMNS": "400"})
+    return runner.invoke(app, ["gc", "--min-age-hours", "0", *args])
 
 
 def _fail_at_segment_2(monkeypatch: pytest.MonkeyPatch, job_ids: list[str]) -> None:
@@ -332,12 +363,12 @@ def test_two_verified_attempts_resolve_to_the_recorded_one_and_gc_keeps_it(
         ]
     before = sorted(info.key for info in studio.store.list(""))
     runner = CliRunner(env={"COLUMNS": "400"})  # one table row per line
-    dry = runner.invoke(app, ["gc"])
+    dry = runner.invoke(app, ["gc", "--min-age-hours", "0"])
     assert dry.exit_code == 0, dry.output
     assert "lost-attempt" in dry.output and "unused-input" in dry.output
     assert "dry run" in dry.output and str(scratch) in dry.output
     assert sorted(info.key for info in studio.store.list("")) == before  # nothing deleted
-    deleted = runner.invoke(app, ["gc", "--delete"])
+    deleted = runner.invoke(app, ["gc", "--delete", "--min-age-hours", "0"])
     assert deleted.exit_code == 0, deleted.output
     after = {info.key for info in studio.store.list("")}
     assert not any(key.startswith(forged.removesuffix(MANIFEST)) for key in after)
@@ -347,7 +378,12 @@ def test_two_verified_attempts_resolve_to_the_recorded_one_and_gc_keeps_it(
     with _session(studio) as session:
         inputs = [j.audio_uri for j in session.scalars(select(Job))]
     assert all(uri.removeprefix(studio.store.url + "/") in after for uri in inputs)
-    assert runner.invoke(app, ["gc"]).output.strip() == "nothing to collect"
+    assert runner.invoke(app, ["gc", "--min-age-hours", "0"]).output.strip() == "nothing to collect"
+
+    # An input gone from the store (deleted by hand): submitting the batch again restores it.
+    (audio,) = {uri.removeprefix(studio.store.url + "/") for uri in inputs}
+    studio.store.delete(audio)
+    assert _job(studio, tmp_path, "twice") == job_id and studio.store.exists(audio)
 
 
 def test_a_half_rendered_job_finishes_on_its_pinned_bundle_after_emo_weights_moves(
@@ -385,3 +421,6 @@ def test_a_half_rendered_job_finishes_on_its_pinned_bundle_after_emo_weights_mov
         job = session.get(Job, jobs[1])
         assert job.status is JobStatus.SUCCEEDED and job.weights_sha256 != sidecar["weights_sha256"]
         assert job.attempt == 1  # its attempts started over
+    gc = _gc()  # its checkpoints from the old bundle lost to the new render's
+    lost = re.findall(rf"lost-attempt\W+jobs/{jobs[1]}/segments/", gc.output)
+    assert len(lost) == 2, gc.output  # segments 0 and 1 of the first render

@@ -69,7 +69,7 @@ def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
         assert checkpoint is not None and checkpoint.manifest_sha256 == segment.manifest_sha256
     assert studio.store.exists(f"{out}qc.json")
     assert studio.store.exists(f"{out}sidecar.json")
-    assert studio.store.exists(f"weights/{job.weights_sha256}/emo.json")  # pinned copy
+    assert studio.store.exists(f"bundles/{job.weights_sha256}/emo.json")  # pinned copy
 
     # What an operator sees in the Prefect UI, read back through Prefect's API.
     from prefect.client.schemas.filters import (

@@ -167,3 +167,27 @@ def store_services(store: LocalStore):
     from types import SimpleNamespace
 
     return SimpleNamespace(store=store)
+
+
+def test_an_assembled_video_of_the_wrong_length_fails_the_job(tmp_path: Path) -> None:
+    """A video whose frames or audio do not match the track (another plan's segment spliced
+    in) is refused at assembly, never published."""
+    from emo import media
+    from emo.errors import MediaError
+    from flows.render_track import check_assembled
+    from tests.conftest import write_wav
+
+    audio = write_wav(tmp_path / "a.wav", np.zeros(16000, np.float32))  # 1 s: 25 frames
+    plan = plan_segments(
+        np.zeros(16000, np.float32), sample_rate=16000, fps=25, clip_frames=12, segment_seconds=1
+    )
+
+    def video(frames: int) -> Path:
+        path = tmp_path / f"v{frames}.mp4"
+        with media.VideoWriter(path, width=16, height=16, fps=25) as writer:
+            writer.write(np.zeros((frames, 16, 16, 3), np.uint8))
+        return media.concat_videos([path], tmp_path / f"final{frames}.mp4", audio=audio)
+
+    check_assembled(video(25), plan)  # exactly ceil(samples / 640) frames and 1 s of audio
+    with pytest.raises(MediaError, match="24 frames, the track needs 25"):
+        check_assembled(video(24), plan)
