@@ -219,6 +219,8 @@ def repin_weights(*, session: Session, job_id: str, weights_sha256: str, actor: 
         session.rollback()
         raise JobStateError(f"job {job.name!r} ({job.id}) is being rendered by {lease.owner}")
     previous = job.weights_sha256
+    if lease is not None:  # expired: its holder, should it wake up, can renew nothing
+        session.delete(lease)
     for segment in list(job.segments):
         session.delete(segment)
     job.weights_sha256, job.plan, job.plan_sha256 = weights_sha256, None, None

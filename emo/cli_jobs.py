@@ -347,8 +347,15 @@ def _require_pinned(job_id: str, weights: Path) -> None:
     from flows.context import services
 
     with services().sessions() as session:
-        pinned = session.get(Job, job_id).weights_sha256
+        job = session.get(Job, job_id)
+        pinned, status = job.weights_sha256, job.status.value
     wanted = bundle_sha256(resolve_weights(get_settings()))  # --weights, as EMO_WEIGHTS
+    if pinned is not None and pinned != wanted and status in ("succeeded", "cancelled"):
+        raise SettingsError(
+            f"these inputs and options were already rendered (job {job_id}, {status}) with "
+            f"weights {pinned[:12]}, not {wanted[:12]} ({weights}); give the render another "
+            "-o name to render them again with this bundle as a new job"
+        )
     if pinned is not None and pinned != wanted:
         raise SettingsError(
             f"job {job_id} (these inputs and options) was registered with weights "

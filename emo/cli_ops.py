@@ -75,7 +75,7 @@ def gc(
     """List what no job references any more (lost checkpoint attempts, outputs of displaced
     renders, unused inputs and bundle copies, scratch folders); --delete removes it. A
     checkpoint a job records, or may still adopt, is never touched."""
-    from db.references import job_references
+    from db.references import JobReferences, job_references
     from emo.store.gc import delete_garbage, find_garbage
     from flows.context import services
 
@@ -103,12 +103,12 @@ def gc(
         console.print(f"{len(items)} item(s), {total}: dry run; `emo gc --delete` removes them")
         return
 
-    def still_idle(job_id: str) -> bool:
+    def current(job_id: str) -> JobReferences | None:
         with svc.sessions() as session:
             found = job_references(session=session, job_ids=[job_id])
-        return not (found and found[0].live)
+        return found[0] if found else None
 
-    deleted = delete_garbage(svc.store, items, still_idle=still_idle)
+    deleted = delete_garbage(svc.store, items, current=current)
     console.print(f"deleted {len(deleted)} of {len(items)} item(s)")
 
 

@@ -29,6 +29,7 @@ from emo.pipeline import EMOPipeline, MotionState, ProgressCallback
 from emo.plan import PlannedSegment, SegmentPlan
 from emo.settings import Settings
 from emo.store import ObjectStore, open_store
+from emo.store.base import is_fresh
 
 UNTRAINED = "tiny-untrained"
 SHIPPED_DEMO = Path(__file__).resolve().parent / "weights" / "demo"  # make demo-model
@@ -223,13 +224,18 @@ def pin_bundle(store: ObjectStore, path: Path) -> str:
 
     sha = bundle_sha256(path)
     prefix = f"{BUNDLES_PREFIX}/{sha}/"
-    stored = {info.key: info.size for info in store.list(prefix)}
+    stored = {info.key: info for info in store.list(prefix)}
     files = {prefix + p.relative_to(path).as_posix(): p for p in path.rglob("*") if p.is_file()}
     manifest = prefix + BUNDLE_FILE
+
+    def size(key: str) -> int | None:
+        return stored[key].size if key in stored else None
+
     for key, file in sorted(files.items()):
-        if key != manifest and stored.get(key) != file.stat().st_size:  # missing or partial
+        if key != manifest and size(key) != file.stat().st_size:  # missing or partial
             store.put_file(key, file)
-    if stored.get(manifest) != files[manifest].stat().st_size:
+    # emo.json last; written again when old, so `emo gc` sees the copy is in use again.
+    if size(manifest) != files[manifest].stat().st_size or not is_fresh(stored.get(manifest)):
         store.put_file(manifest, files[manifest])
     return sha
 

@@ -31,7 +31,7 @@ from db.batches import JobSpec, find_batch, register_batch
 from db.jobs import fail_crashed_job, requeue_job
 from db.models import Batch, Job, JobStatus
 from emo import media
-from emo.errors import EmoError, JobStateError
+from emo.errors import EmoError, JobStateError, ObjectNotFound
 from emo.manifest import Manifest, ManifestError, parse_manifest
 from emo.plan import frame_count
 from emo.render import (
@@ -45,7 +45,7 @@ from emo.render import (
     resolve_params,
     resolve_weights,
 )
-from emo.store.base import sha256_stream
+from emo.store.base import is_fresh, sha256_stream
 from flows.context import Services, services
 from flows.render_track import render_track
 
@@ -228,6 +228,16 @@ def input_key(sha256: str, name: str) -> str:
     return f"inputs/{sha256}{suffix if suffix[1:].isalnum() else ''}"
 
 
+def _stored(svc: Services, key: str, path: Path) -> bool:
+    """The input is in the store, whole, and recently written (an old copy is written again,
+    so `emo gc`, which leaves young objects alone, cannot collect it while jobs register)."""
+    try:
+        info = svc.store.stat(key)
+    except ObjectNotFound:
+        return False
+    return info.size == path.stat().st_size and is_fresh(info)
+
+
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=5)
 def upload_inputs(svc: Services, jobs: list[PreparedJob], weights: Path) -> list[JobSpec]:
     """Store each input under its hash (once, whoever else uses it) and pin the weights
@@ -239,7 +249,7 @@ def upload_inputs(svc: Services, jobs: list[PreparedJob], weights: Path) -> list
         keys = []
         for path, sha in ((inputs.image, inputs.image_sha256), (inputs.audio, inputs.audio_sha256)):
             key = input_key(sha, path.name)
-            if not (svc.store.exists(key) and svc.store.stat(key).size == path.stat().st_size):
+            if not _stored(svc, key, path):
                 svc.store.put_file(key, path)
             keys.append(key)
         specs.append(
@@ -359,7 +369,9 @@ def _dispatch_key(svc: Services, job_id: str) -> str | None:
     with svc.sessions() as session:
         job = session.get(Job, job_id)
         attempt = job.attempt + 1 if job.status is JobStatus.QUEUED else job.attempt
-    return f"{job_id}:attempt-{attempt}"
+    # The pin is part of the key: `emo resume --new-weights` restarts the attempts, and its
+    # runs must not be answered with the runs of the job's previous pin.
+    return f"{job_id}:{(job.weights_sha256 or 'configured')[:12]}:attempt-{attempt}"
 
 
 def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
@@ -383,6 +395,34 @@ def _output_path(svc: Services, job_id: str, output_dir: str | None) -> str | No
         return str(Path(output_dir) / f"{job.name}{suffix}")
 
 
+def _register(
+    svc: Services, parsed: Manifest, sha: str, base: str, source: str
+) -> tuple[Batch, bool]:
+    """Fetch and hash the inputs; find the batch of this content, or pre-flight, store and
+    register it. The submit's copies of the inputs are removed however it ends."""
+    scratch = _submit_scratch(svc, sha)
+    try:
+        fetched = fetch_inputs(svc, parsed, scratch, base)
+        hashes = [
+            (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
+        ]
+        key = batch_key(sha, hashes)
+        with svc.sessions() as session:  # a batch with unfetchable inputs was never registered
+            existing = find_batch(session=session, manifest_sha256=key)
+        if existing is not None:
+            restore_inputs(svc, existing.id, fetched)
+            return existing, False
+        weights = resolve_weights(svc.settings)
+        prepared = preflight(svc, parsed, key, fetched, weights, source)
+        specs = upload_inputs(svc, prepared, weights)
+        with svc.sessions() as session:
+            return register_batch(
+                session=session, name=parsed.name, manifest_sha256=key, jobs=specs, actor=ACTOR
+            )
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
 @flow(name="submit-batch", flow_run_name="submit {manifest}")
 def submit_batch(
     manifest: str, output_dir: str | None = None, render: bool = True, base: str | None = None
@@ -396,24 +436,7 @@ def submit_batch(
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)
-    scratch = _submit_scratch(svc, sha)
-    fetched = fetch_inputs(svc, parsed, scratch, base)
-    hashes = [(f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)]
-    key = batch_key(sha, hashes)
-    with svc.sessions() as session:  # a batch with unfetchable inputs was never registered
-        existing = find_batch(session=session, manifest_sha256=key)
-    if existing is None:
-        weights = resolve_weights(svc.settings)
-        prepared = preflight(svc, parsed, key, fetched, weights, manifest)
-        specs = upload_inputs(svc, prepared, weights)
-        with svc.sessions() as session:
-            batch, created = register_batch(
-                session=session, name=parsed.name, manifest_sha256=key, jobs=specs, actor=ACTOR
-            )
-    else:
-        batch, created = existing, False
-        restore_inputs(svc, batch.id, fetched)
-    shutil.rmtree(scratch, ignore_errors=True)
+    batch, created = _register(svc, parsed, sha, base, manifest)
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)
         todo = [

@@ -10,7 +10,7 @@ import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import BinaryIO
 
@@ -26,6 +26,19 @@ class ObjectInfo:
     key: str
     size: int
     modified: datetime | None = None
+
+
+# An object a writer finds already stored, but older than this, is written again: its new time
+# tells `emo gc` (which leaves young unreferenced objects alone) that it is in use again.
+REFRESH_SECONDS = 3600
+
+
+def is_fresh(info: ObjectInfo | None, now: datetime | None = None) -> bool:
+    """True if ``info`` names an object written less than ``REFRESH_SECONDS`` ago."""
+    if info is None or info.modified is None:
+        return False
+    now = now or datetime.now(UTC)
+    return (now - info.modified).total_seconds() < REFRESH_SECONDS
 
 
 def check_key(key: str) -> str:

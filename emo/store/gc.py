@@ -191,6 +191,17 @@ def _judge_attempt(
     return None  # it may still be adopted by the job's next render
 
 
+def _still_garbage(store: ObjectStore, item: Garbage, job: JobReferences | None) -> bool:
+    if job is None:
+        return item.kind in ("unknown-job", "scratch")
+    if job.live:
+        return False
+    if item.local:
+        return True
+    again = _judge(store, item.where, {job.job_id: _as_keys(store, job)}, set(), set(), True)
+    return again is not None and again.kind == item.kind
+
+
 def _scratch(scratch: Path, jobs: dict[str, JobReferences]) -> Iterable[Garbage]:
     if not scratch.is_dir():
         return
@@ -219,15 +230,16 @@ def delete_garbage(
     store: ObjectStore,
     items: list[Garbage],
     *,
-    still_idle: Callable[[str], bool],
+    current: Callable[[str], JobReferences | None],
 ) -> list[Garbage]:
     """Delete ``items`` (a checkpoint's manifest and a bundle's emo.json first, so a half-deleted
-    one reads as absent, never as complete); an item of a job that a render took up since it
-    was found is skipped. Returns what was deleted."""
+    one reads as absent, never as complete). Each item of a job is judged again first against
+    ``current(job_id)`` (the job as the database has it now): one the job took up since it was
+    found (a render started, or recorded that attempt) is skipped. Returns what was deleted."""
     deleted = []
     for item in items:
-        if item.job_id is not None and not still_idle(item.job_id):
-            log.warning("gc: skipped %s (job %s is rendering now)", item.where, item.job_id)
+        if item.job_id is not None and not _still_garbage(store, item, current(item.job_id)):
+            log.warning("gc: skipped %s (job %s uses it now)", item.where, item.job_id)
             continue
         if item.local:
             shutil.rmtree(item.where, ignore_errors=True)

@@ -48,7 +48,7 @@ def _frames(video: Path) -> np.ndarray:
     return np.concatenate(list(media.iter_frames(video, stream.width, stream.height)))
 
 
-def _cli_render(studio: Studio, audio: Path, output: Path) -> None:
+def _cli_render(studio: Studio, audio: Path, output: Path, weights: Path | None = None) -> None:
     """`emo render PORTRAIT AUDIO -o OUTPUT --seed 5` in this process."""
     from emo.cli_jobs import render
 
@@ -65,7 +65,7 @@ def _cli_render(studio: Studio, audio: Path, output: Path) -> None:
         scheduler=None,
         face_box="0.2,0.15,0.8,0.85",
         face_policy=None,
-        weights=None,
+        weights=weights,
     )
 
 
@@ -400,10 +400,14 @@ def test_a_half_rendered_job_finishes_on_its_pinned_bundle_after_emo_weights_mov
     reference = _clean_render(studio, tmp_path, studio.vocal, "reference")
     jobs = [_job(studio, tmp_path, name) for name in ("pinned", "repinned")]
     _fail_at_segment_2(monkeypatch, jobs)
+    _cli_render(studio, studio.vocal, tmp_path / "cli.mp4")  # `emo render` with the bundle
 
     shutil.rmtree(weights)  # a new bundle is published at the same location
     save_bundle(build_components(TINY, seed=12), TINY, weights)
     clear_caches()
+    # The same `emo render --weights` again: rendered already, with the other bundle; it says so.
+    with pytest.raises(SettingsError, match="already rendered .* another -o name"):
+        _cli_render(studio, studio.vocal, tmp_path / "cli.mp4", weights=weights)
     output = tmp_path / "pinned.mp4"
     result = render_track(job_id=jobs[0], output=str(output))
     assert result["rendered"] == 1  # segments 0 and 1 resumed, not refused

@@ -122,11 +122,13 @@ def test_deployment_dispatch_keys_follow_attempts(studio: Studio, tmp_path: Path
     job_id = result["jobs"]["solo"]
     svc = services()
     url = studio.env["EMO_DATABASE_URL"]
-    assert _dispatch_key(svc, job_id) == f"{job_id}:attempt-1"
+    with session_factory(make_engine(url))() as session:
+        pin = session.get(Job, job_id).weights_sha256[:12]  # the job's bundle names its runs
+    assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-1"
     with session_factory(make_engine(url))() as session:
         transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
         acquire_lease(session=session, job_id=job_id, owner="gpu-pod-1:1", ttl_seconds=3600)
-    assert _dispatch_key(svc, job_id) == f"{job_id}:attempt-1"  # rendering: the same run
+    assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-1"  # rendering: the same run
 
     def crash(max_attempts: int) -> None:
         with session_factory(make_engine(url))() as session:
@@ -135,7 +137,7 @@ def test_deployment_dispatch_keys_follow_attempts(studio: Studio, tmp_path: Path
             session.commit()
 
     crash(max_attempts=3)
-    assert _dispatch_key(svc, job_id) == f"{job_id}:attempt-2"
+    assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-2"
     with session_factory(make_engine(url))() as session:
         assert session.get(Job, job_id).status is JobStatus.QUEUED
         transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
@@ -89,14 +90,18 @@ def test_gc_collects_only_what_no_job_can_use(tmp_path: Path) -> None:
     young = _kinds(find_garbage(store, jobs, scratch=tmp_path / "scratch"))
     assert set(young.values()) == {"unfit-attempt"}
 
+    # Judged again at deletion: job a started rendering since gc looked, so its items stay.
     items = find_garbage(store, jobs, scratch=tmp_path / "scratch", min_age_seconds=0)
-    deleted = delete_garbage(store, items, still_idle=lambda job_id: job_id != "a")
-    assert {item.kind for item in deleted} == {"unused-input", "unused-bundle"}  # a is busy now
+    busy = {"a": replace(jobs[0], live=True)}
+    deleted = delete_garbage(store, items, current=busy.get)
+    assert {item.kind for item in deleted} == {"unused-input", "unused-bundle"}
     assert not store.exists(f"bundles/{OTHER}/vae/model.safetensors")
     assert store.exists(unfit + "manifest.json")
-    delete_garbage(store, items, still_idle=lambda job_id: True)
+    # ... or a render recorded the attempt gc had judged unfit: it is referenced now.
+    took_it = replace(jobs[0], recorded={**jobs[0].recorded, 2: store.uri(unfit + "manifest.json")})
+    delete_garbage(store, items, current={"a": took_it}.get)
     left = {info.key for info in store.list("")}
-    assert not any(key.startswith((unfit, broken)) for key in left)
+    assert unfit + "manifest.json" in left and not any(key.startswith(broken) for key in left)
     assert {recorded + "manifest.json", adoptable + "manifest.json"} <= left
     assert {f"bundles/{W}/emo.json", "weights/current/emo.json"} <= left
 
