@@ -38,6 +38,14 @@ def get_job(*, session: Session, job_id: str, lock: bool = False) -> Job:
     return job
 
 
+def job_status(*, session: Session, job_id: str) -> JobStatus:
+    """The job's status as the database has it now (no lock)."""
+    status = session.scalar(select(Job.status).where(Job.id == job_id))
+    if status is None:
+        raise NotFound(f"no job with id {job_id!r}")
+    return status
+
+
 def _apply(job: Job, to: JobStatus, *, session: Session, actor: str, reason: str | None) -> None:
     """Check and apply one edge of the state machine, with its event (no commit)."""
     if to not in ALLOWED[job.status]:
@@ -109,7 +117,9 @@ def fail_crashed_job(
 ) -> bool:
     """running -> failed for a job nobody renders any more: no lease, or an expired one (its
     pod, node or process died). The crash then counts as an attempt, so ``requeue_job``
-    retries it only while attempts are left. False (nothing changed) for any other job."""
+    retries it only while attempts are left. Its lease is revoked (deleted, and the job's epoch
+    moved on), so a holder that was only paused stops at its next heartbeat or write. False
+    (nothing changed) for any other job."""
     job = get_job(session=session, job_id=job_id, lock=True)
     lease = session.get(Lease, job_id, populate_existing=True)
     now = now or utcnow()
@@ -123,6 +133,11 @@ def fail_crashed_job(
     )
     reason = f"crashed: the render stopped without finishing ({holder})"
     _apply(job, JobStatus.FAILED, session=session, actor=actor, reason=reason)
+    # Revoke the lease: a holder that is only paused (not dead) can neither renew it nor,
+    # its epoch superseded, record anything when it wakes up.
+    if lease is not None:
+        session.delete(lease)
+    job.lease_epoch += 1
     session.commit()
     return True
 

@@ -158,7 +158,9 @@ def renew_lease(
     now: datetime | None = None,
     progress_at: datetime | None = None,
 ) -> Lease:
-    """Heartbeat: extend the lease; raises ``JobStateError`` if ``owner`` no longer holds it.
+    """Heartbeat: extend the lease; raises ``JobStateError`` if ``owner`` no longer holds it,
+    or if its lease has expired: from its expiry a sweep or another render may have taken the
+    job, so a late heartbeat never brings an expired lease back to life.
 
     ``progress_at`` is when the owner's model last progressed (kept if None).
     """
@@ -168,6 +170,13 @@ def renew_lease(
         holder = "nobody" if lease is None else repr(lease.owner)
         session.rollback()
         raise JobStateError(f"lease of job {job_id} is lost: held by {holder}, not {owner!r}")
+    if lease.expires_at <= now:
+        expired = lease.expires_at
+        session.rollback()
+        raise JobStateError(
+            f"lease of job {job_id} expired at {expired:%H:%M:%S} UTC before this heartbeat; "
+            "stopped so that another render can resume the job"
+        )
     lease.heartbeat_at = now
     lease.expires_at = now + timedelta(seconds=ttl_seconds)
     if progress_at is not None:

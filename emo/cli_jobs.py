@@ -381,7 +381,8 @@ def _repin(reference: str) -> None:
 
 
 def cancel(job: Annotated[str, typer.Argument(help="job id (or prefix)")]) -> None:
-    """Cancel a queued or running job (a running render stops before its next segment)."""
+    """Cancel a queued or running job (a running render stops at its next denoising step
+    after its next lease heartbeat; verified segments are kept)."""
     from db.jobs import transition_job
     from db.models import JobStatus
     from flows.context import services

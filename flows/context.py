@@ -22,8 +22,9 @@ from types import TracebackType
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, session_factory
+from db.jobs import job_status
 from db.leases import acquire_lease, current_lease, release_lease, renew_lease
-from db.models import utcnow
+from db.models import JobStatus, utcnow
 from emo.errors import EmoError, JobStateError
 from emo.settings import Settings, get_settings
 from emo.store import ObjectStore, open_store
@@ -35,6 +36,10 @@ _SLOT_GIVEN_AWAY = (
     "the GPU slot of job {job_id} was given to another render while this one could not "
     "renew its lease; resume the job to continue from its last checkpoint"
 )
+
+
+class JobCancelled(EmoError):
+    """The job was cancelled (``emo cancel``) while this render held it."""
 
 
 class LeaseHeld(EmoError):
@@ -112,6 +117,7 @@ class JobLease:
         self.svc, self.job_id = svc, job_id
         self.owner = owner or lease_owner()
         self.lost = threading.Event()
+        self.cancelled = threading.Event()  # set by the heartbeat when the job is cancelled
         self.lost_reason = f"lease of job {job_id} is lost to another render"
         self.progress_at: datetime | None = None
         self.gpu_held = False  # set by GpuSlot while this render holds a GPU slot
@@ -163,6 +169,8 @@ class JobLease:
                     ttl_seconds=self.svc.settings.lease_seconds,
                     progress_at=self.progress_at,
                 )
+                if job_status(session=session, job_id=self.job_id) is JobStatus.CANCELLED:
+                    self.cancelled.set()  # the render stops at its next denoising step
             if self.gpu_held and lease.gpu_since is None:
                 raise JobStateError(_SLOT_GIVEN_AWAY.format(job_id=self.job_id))
             self._renewed = started
@@ -176,7 +184,8 @@ class JobLease:
         return True
 
     def check(self) -> None:
-        """Raise if the lease was lost (another render took the job over), or has surely
+        """Raise ``JobCancelled`` if the heartbeat saw the job cancelled; raise ``LeaseHeld`` if
+        the lease was lost (another render took the job over), or has surely
         expired because no heartbeat got through for its whole time to live (the database
         was unreachable): another render may take the job and its GPU slot from then on.
 
@@ -184,6 +193,8 @@ class JobLease:
         """
         if self.lost.is_set():
             raise LeaseHeld(self.lost_reason)
+        if self.cancelled.is_set():
+            raise JobCancelled(f"job {self.job_id} was cancelled")
         ttl = self.svc.settings.lease_seconds
         if time.monotonic() - self._renewed > ttl:
             self.lost_reason = (

@@ -62,15 +62,11 @@ from emo.store.checkpoint import (
     read_segment_checkpoint,
     write_segment_checkpoint,
 )
-from flows.context import JobLease, Services, services
+from flows.context import JobCancelled, JobLease, Services, services
 from flows.gpu_slot import GpuSlot
 from flows.versions import software_versions
 
 log = logging.getLogger(__name__)
-
-
-class JobCancelled(EmoError):
-    """The job was cancelled while rendering."""
 
 
 @dataclass(frozen=True)

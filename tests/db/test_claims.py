@@ -6,6 +6,7 @@ import multiprocessing
 from collections import Counter
 from datetime import timedelta
 
+import numpy as np
 import pytest
 from sqlalchemy import func, select
 
@@ -136,3 +137,44 @@ def test_claim_skips_jobs_with_a_live_lease_and_takes_expired_ones(session) -> N
     job = claim_next_job(session=session, worker="w2", lease_seconds=60)
     assert job.id == first
     assert session.get(Lease, first).owner == "w2"
+
+
+def test_an_expired_lease_is_never_renewed_and_a_swept_one_is_revoked(session) -> None:
+    """A holder paused past its lease (a stopped VM, a database outage) must not come back:
+    its late heartbeat is refused, and once the sweep has marked the job crashed, the paused
+    holder's writes are refused too (its epoch is superseded)."""
+    from db.jobs import fail_crashed_job, transition_job
+    from db.leases import current_lease
+    from db.segments import record_segment_done, store_plan
+    from emo.errors import EpochSuperseded
+    from emo.plan import plan_segments
+
+    job_id = _register(session, 1)[0]
+    plan = plan_segments(
+        np.ones(16000, np.float32), sample_rate=16000, fps=25, clip_frames=12, segment_seconds=1
+    )
+    store_plan(session=session, job_id=job_id, plan=plan, actor="t")
+    transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="paused")
+    now = utcnow()
+    epoch = acquire_lease(
+        session=session, job_id=job_id, owner="paused", ttl_seconds=60, now=now
+    ).epoch
+    late = now + timedelta(seconds=61)
+    with pytest.raises(JobStateError, match="expired at .* before this heartbeat"):
+        renew_lease(session=session, job_id=job_id, owner="paused", ttl_seconds=60, now=late)
+
+    assert fail_crashed_job(session=session, job_id=job_id, actor="sweep", now=late)
+    assert current_lease(session=session, job_id=job_id) is None
+    with pytest.raises(JobStateError, match="held by nobody"):
+        renew_lease(session=session, job_id=job_id, owner="paused", ttl_seconds=60)
+    with pytest.raises(EpochSuperseded):
+        record_segment_done(
+            session=session,
+            job_id=job_id,
+            index=0,
+            checkpoint_uri="s3://b/x/manifest.json",
+            manifest_sha256="x" * 64,
+            render_seconds=1.0,
+            actor="paused",
+            epoch=epoch,
+        )

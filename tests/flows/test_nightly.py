@@ -140,7 +140,9 @@ def test_deployment_dispatch_keys_follow_attempts(studio: Studio, tmp_path: Path
     assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-2"
     with session_factory(make_engine(url))() as session:
         assert session.get(Job, job_id).status is JobStatus.QUEUED
+        assert session.get(Lease, job_id) is None  # the crashed holder's lease was revoked
         transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
+        acquire_lease(session=session, job_id=job_id, owner="gpu-pod-2:1", ttl_seconds=3600)
     crash(max_attempts=2)
     assert _dispatch_key(svc, job_id) is None  # attempts used up
     with session_factory(make_engine(url))() as session:
