@@ -4,8 +4,8 @@ A lease is a row (owner, expiry, heartbeat). The owner renews it while it works 
 and releases it when done. Acquisition locks the row (``FOR UPDATE`` on PostgreSQL; SQLite
 transactions are single-writer), so two runs never both believe they hold one job.
 
-Every acquisition increments the job's ``lease_epoch`` (a fencing token) and stamps it on the
-lease. A render may still be running after its lease passed to another (a network partition,
+Every acquisition increments the job's ``lease_epoch`` (a fencing token; ``Lease.epoch`` reads
+it). A render may still be running after its lease passed to another (a network partition,
 a paused process); ``require_epoch`` is how its writes are refused: segment records and the
 job's result are committed only in a transaction that finds the writer's epoch current.
 """
@@ -53,20 +53,19 @@ def take_lease(
             acquired_at=now,
             heartbeat_at=now,
             expires_at=expires,
-            epoch=job.lease_epoch + 1,
         )
         try:
             with session.begin_nested():
                 session.add(lease)
         except IntegrityError:  # another owner inserted it between our select and insert
             return None
-        job.lease_epoch = lease.epoch
+        job.lease_epoch += 1
         record_event(
             session=session,
             actor=owner,
             kind="lease.acquired",
             job_id=job_id,
-            detail={"epoch": lease.epoch},
+            detail={"epoch": job.lease_epoch},
         )
         return lease
     if lease.owner != owner and lease.expires_at > now and lease.owner != stale_owner:
@@ -88,7 +87,6 @@ def take_lease(
         record_event(session=session, actor=owner, kind="lease.reacquired", job_id=job_id)
     lease.owner, lease.heartbeat_at, lease.expires_at = owner, now, expires
     job.lease_epoch += 1
-    lease.epoch = job.lease_epoch
     return lease
 
 

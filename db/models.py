@@ -203,7 +203,6 @@ class Lease(Base):
     acquired_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
-    epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")  # job.lease_epoch
     # Unused since revision 0004 (it held a Prefect concurrency lease id); kept until a later
     # revision drops it, so renders of the previous release keep working during an upgrade.
     gpu_slot: Mapped[str | None] = mapped_column(String(64), default=None)
@@ -213,6 +212,14 @@ class Lease(Base):
     # When the owner last saw its model make progress (a denoising step), written by its
     # heartbeat: renders waiting for a slot give up only when no holder progresses.
     progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+
+    job: Mapped[Job] = relationship(viewonly=True)
+
+    @property
+    def epoch(self) -> int:
+        """The fencing token of this lease's holder: the job's lease epoch (a lease row exists
+        only for the current epoch; a take-over or a revocation moves the job's on)."""
+        return self.job.lease_epoch
 
 
 class GpuLimit(Base):

@@ -215,10 +215,11 @@ class JobLease:
         self.check()
         with self.svc.sessions() as session:
             lease = current_lease(session=session, job_id=self.job_id)
+            epoch = lease.epoch if lease is not None else None
         holder = lease.owner if lease is not None else None
-        if holder != self.owner or lease.epoch != self.epoch:
+        if holder != self.owner or epoch != self.epoch:
             self.lost_reason = f"lease of job {self.job_id} is lost: held by {holder!r}" + (
-                f" at epoch {lease.epoch}, this render's is {self.epoch}" if lease else ""
+                f" at epoch {epoch}, this render's is {self.epoch}" if lease else ""
             )
         elif self.gpu_held and lease.gpu_since is None:
             self.lost_reason = _SLOT_GIVEN_AWAY.format(job_id=self.job_id)

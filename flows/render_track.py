@@ -55,7 +55,7 @@ from emo.render import (
     resolve_weights,
     speed_schedule,
 )
-from emo.store.base import sha256_stream
+from emo.store.base import sha256_file
 from emo.store.checkpoint import (
     MANIFEST,
     SegmentCheckpoint,
@@ -110,7 +110,7 @@ def load_inputs(svc: Services, job: JobRecord, params: JobParams, resolution: in
     """Fetch the job's inputs from the store, check their hashes, prepare portrait and audio."""
     with svc.sessions() as session:
         row = get_job(session=session, job_id=job.job_id)
-        image_key, audio_key = _key(svc, row.image_uri), _key(svc, row.audio_uri)
+        image_key, audio_key = svc.store.key_of(row.image_uri), svc.store.key_of(row.audio_uri)
     scratch = svc.settings.home / "scratch" / job.job_id
     image_path = svc.store.get_file(image_key, scratch / Path(image_key).name)
     audio_path = svc.store.get_file(audio_key, scratch / Path(audio_key).name)
@@ -118,7 +118,7 @@ def load_inputs(svc: Services, job: JobRecord, params: JobParams, resolution: in
         (image_path, image_key, job.image_sha256),
         (audio_path, audio_key, job.audio_sha256),
     ):
-        if expected is not None and _sha256(path) != expected:
+        if expected is not None and sha256_file(path) != expected:
             raise MediaError(
                 f"input {svc.store.uri(key)} does not match the hash job {job.job_id} was "
                 f"registered with ({expected[:12]}); the store was altered: submit the job again"
@@ -137,18 +137,6 @@ def load_inputs(svc: Services, job: JobRecord, params: JobParams, resolution: in
         speeds=speed_schedule(params.speed, frames, svc.settings.fps),
         scratch=scratch,
     )
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as stream:
-        return sha256_stream(stream)
-
-
-def _key(svc: Services, uri: str) -> str:
-    prefix = svc.store.url.rstrip("/") + "/"
-    if not uri.startswith(prefix):
-        raise EmoError(f"input {uri} is not in the configured object store {svc.store.url}")
-    return uri[len(prefix) :]
 
 
 @task(cache_policy=NO_CACHE)
@@ -375,7 +363,7 @@ def _recorded(svc: Services, job_id: str) -> dict[int, tuple[str, str]]:
     """Segment index -> (manifest key, manifest sha256) as the database records them."""
     with svc.sessions() as session:
         return {
-            s.index: (_key(svc, s.checkpoint_uri), s.manifest_sha256)
+            s.index: (svc.store.key_of(s.checkpoint_uri), s.manifest_sha256)
             for s in list_segments(session=session, job_id=job_id)
             if s.checkpoint_uri and s.manifest_sha256
         }

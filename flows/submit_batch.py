@@ -45,7 +45,7 @@ from emo.render import (
     resolve_params,
     resolve_weights,
 )
-from emo.store.base import is_fresh, sha256_stream
+from emo.store.base import is_fresh, sha256_file
 from flows.context import Services, services
 from flows.render_track import render_track
 
@@ -124,8 +124,8 @@ def fetch_inputs(
                 audio_uri=audio_uri,
                 image=image,
                 audio=audio,
-                image_sha256=_sha256(image),
-                audio_sha256=_sha256(audio),
+                image_sha256=sha256_file(image),
+                audio_sha256=sha256_file(audio),
             )
         )
     return fetched
@@ -136,11 +136,6 @@ def _submit_scratch(svc: Services, sha256: str) -> Path:
     return (
         svc.settings.home / "scratch" / f"submit-{sha256[:16]}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
     )
-
-
-def _sha256(path: Path) -> str:
-    with open(path, "rb") as stream:
-        return sha256_stream(stream)
 
 
 @task(cache_policy=NO_CACHE)
@@ -283,10 +278,9 @@ def restore_inputs(svc: Services, batch_id: str, fetched: list[FetchedInputs | s
             for uri, sha in ((job.image_uri, job.image_sha256), (job.audio_uri, job.audio_sha256))
             if sha is not None
         ]
-    prefix = svc.store.url.rstrip("/") + "/"
     for uri, sha in wanted:
-        key = uri.removeprefix(prefix)
-        if uri.startswith(prefix) and sha in copies and not svc.store.exists(key):
+        key = svc.store.key_of(uri)
+        if sha in copies and not svc.store.exists(key):
             log.warning("input %s was missing from the store; stored again", uri)
             svc.store.put_file(key, copies[sha])
 

@@ -57,6 +57,12 @@ def sha256_stream(stream: BinaryIO) -> str:
     return digest.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a local file."""
+    with open(path, "rb") as stream:
+        return sha256_stream(stream)
+
+
 class ObjectStore(ABC):
     """Put/get/list objects by key. Writes are all-or-nothing: a reader never sees half."""
 
@@ -111,3 +117,10 @@ class ObjectStore(ABC):
     def uri(self, key: str) -> str:
         """The store URI of ``key`` (``file:///...`` or ``s3://bucket/prefix/key``)."""
         return f"{self.url.rstrip('/')}/{check_key(key)}"
+
+    def key_of(self, uri: str) -> str:
+        """The key of a URI made by ``uri``; ``StoreError`` if it names another store."""
+        prefix = self.url.rstrip("/") + "/"
+        if not uri.startswith(prefix):
+            raise StoreError(f"{uri} is not in the configured object store {self.url}")
+        return uri[len(prefix) :]

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from emo.errors import ObjectNotFound, StoreError
-from emo.store.base import ObjectStore, sha256_stream
+from emo.store.base import ObjectStore, sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,6 @@ class SegmentCheckpoint:
 def segment_prefix(job_id: str, index: int) -> str:
     """Key prefix of every attempt of one segment."""
     return f"jobs/{job_id}/segments/{index:05d}/"
-
-
-def _file_sha256(path: Path) -> str:
-    with open(path, "rb") as stream:
-        return sha256_stream(stream)
 
 
 def _render_id() -> str:
@@ -174,7 +169,7 @@ def write_segment_checkpoint(
     for name, path in files.items():
         if "/" in name or name == MANIFEST:
             raise StoreError(f"invalid checkpoint file name {name!r}")
-        digest = _file_sha256(path)
+        digest = sha256_file(path)
         info = store.put_file(prefix + name, path)
         entries[name] = {"key": prefix + name, "sha256": digest, "size": info.size}
     manifest = {

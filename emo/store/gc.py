@@ -115,15 +115,15 @@ def find_garbage(
 
 def _as_keys(store: ObjectStore, job: JobReferences) -> JobReferences:
     """The job's references as keys of ``store`` (gc compares keys, never URL spellings)."""
-    prefix = store.url.rstrip("/") + "/"
 
     def key(uri: str) -> str:
-        if not uri.startswith(prefix):
+        try:
+            return store.key_of(uri)
+        except StoreError:
             raise StoreError(
                 f"job {job.job_id} names {uri}, outside the store {store.url}; gc judges "
                 "nothing (is EMO_STORE_URL spelled differently from when the job was made?)"
-            )
-        return uri[len(prefix) :]
+            ) from None
 
     return replace(
         job,
