@@ -3,9 +3,13 @@
     queued -> running -> succeeded | failed | cancelled
     queued -> cancelled            (a studio withdraws a job before it starts)
     failed -> queued               (requeue; bounded by max_attempts)
+    failed -> cancelled            (a studio gives up on a failed job: nightly leaves it)
+    running -> queued              (released: the render was stopped, by a SIGTERM or Ctrl-C,
+                                    not failed; its attempt is given back)
 
 Every transition locks the job row, checks the edge, and writes an event in the same
-transaction. ``attempt`` counts the runs a job has started.
+transaction. ``attempt`` counts the runs a job has started and not given back: only a failure
+of the job's own work (or a crash, which cannot be told from one) uses an attempt up.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ from emo.errors import JobStateError, NotFound
 
 ALLOWED: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.QUEUED: frozenset({JobStatus.RUNNING, JobStatus.CANCELLED}),
-    JobStatus.RUNNING: frozenset({JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED}),
-    JobStatus.FAILED: frozenset({JobStatus.QUEUED}),
+    JobStatus.RUNNING: frozenset(
+        {JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.CANCELLED, JobStatus.QUEUED}
+    ),
+    JobStatus.FAILED: frozenset({JobStatus.QUEUED, JobStatus.CANCELLED}),
     JobStatus.SUCCEEDED: frozenset(),
     JobStatus.CANCELLED: frozenset(),
 }
@@ -58,7 +64,9 @@ def _apply(job: Job, to: JobStatus, *, session: Session, actor: str, reason: str
     previous = job.status
     job.status = to
     job.updated_at = now
-    if to is JobStatus.RUNNING:
+    if previous is JobStatus.RUNNING and to is JobStatus.QUEUED:
+        job.attempt = max(job.attempt - 1, 0)  # released, not failed: the attempt is given back
+    elif to is JobStatus.RUNNING:
         job.attempt += 1
         job.started_at = now
         job.finished_at = None
@@ -214,6 +222,24 @@ def fail_job(*, session: Session, job_id: str, epoch: int, actor: str, reason: s
         session.rollback()
         return False
     _apply(job, JobStatus.FAILED, session=session, actor=actor, reason=reason)
+    session.commit()
+    return True
+
+
+def stop_job(
+    *, session: Session, job_id: str, epoch: int, to: JobStatus, actor: str, reason: str
+) -> bool:
+    """running -> cancelled (a cancel reached the render) or running -> queued (the render was
+    told to stop: a drain, an eviction, Ctrl-C; the attempt is given back), for the render
+    holding ``epoch``. False (nothing written) if the job is not running; ``EpochSuperseded``
+    if another render took it over."""
+    if to not in (JobStatus.CANCELLED, JobStatus.QUEUED):
+        raise ValueError(f"stop_job moves a job to cancelled or queued, not {to.value}")
+    job = require_epoch(session=session, job_id=job_id, epoch=epoch)
+    if job.status is not JobStatus.RUNNING:
+        session.rollback()
+        return False
+    _apply(job, to, session=session, actor=actor, reason=reason)
     session.commit()
     return True
 

@@ -146,6 +146,11 @@ class Job(Base):
     # Fencing token: incremented by every acquisition of the job's lease. Only the render
     # holding the current epoch may record a segment or finish the job.
     lease_epoch: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The latest dispatch: bumped by each (compare-and-set), carried by the render run's
+    # idempotency key so a dead run is never handed back; the run it made (None inline).
+    dispatch_generation: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    flow_run_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    dispatched_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     plan: Mapped[dict[str, Any] | None] = mapped_column(JSON, default=None)
     plan_sha256: Mapped[str | None] = mapped_column(String(64), default=None)
     output_uri: Mapped[str | None] = mapped_column(Text, default=None)

@@ -381,8 +381,9 @@ def _repin(reference: str) -> None:
 
 
 def cancel(job: Annotated[str, typer.Argument(help="job id (or prefix)")]) -> None:
-    """Cancel a queued or running job (a running render stops at its next denoising step
-    after its next lease heartbeat; verified segments are kept)."""
+    """Cancel a queued, running or failed job: it is never rendered again, nightly included (a
+    running render stops at its next denoising step after its next lease heartbeat; verified
+    segments are kept). Its Prefect run, if any, is cancelled too."""
     from db.jobs import transition_job
     from db.models import JobStatus
     from flows.context import services
@@ -396,7 +397,28 @@ def cancel(job: Annotated[str, typer.Argument(help="job id (or prefix)")]) -> No
             actor="emo cancel",
             reason="cancelled by a user",
         )
+        run_id = found.flow_run_id
     console.print(f"job {found.name} ({found.id}) cancelled")
+    if run_id is not None and os.environ.get("PREFECT_API_URL"):
+        _cancel_run(run_id)
+
+
+def _cancel_run(run_id: str) -> None:
+    """Ask Prefect to cancel the job's render run (best effort: the job is cancelled anyway,
+    and a render that starts later finds it so and stops)."""
+    from prefect.client.orchestration import get_client
+    from prefect.states import Cancelled, Cancelling
+
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(run_id).state
+            if state is not None and not state.is_final():
+                # A run not started yet has no process to stop: it is cancelled outright.
+                stop = Cancelled if state.is_scheduled() else Cancelling
+                client.set_flow_run_state(run_id, stop(message="emo cancel"), force=True)
+                console.print(f"its Prefect run {run_id} is being cancelled")
+    except Exception as error:  # noqa: BLE001 (the job's state is what counts)
+        console.print(f"[yellow]note[/]: could not cancel its Prefect run {run_id}: {error}")
 
 
 def serve(
@@ -462,13 +484,23 @@ def deploy(
         str, typer.Option(envvar="EMO_NAMESPACE", help="Kubernetes namespace of flow-run Jobs")
     ] = "emo",
     wait: Annotated[float, typer.Option(help="seconds to wait for the Prefect API")] = 0,
+    farm: Annotated[
+        bool,
+        typer.Option(help="process pools gpu-local and cpu-local for `emo worker` (no k8s)"),
+    ] = False,
 ) -> None:
-    """Register emo with the Prefect server at PREFECT_API_URL: work pools gpu and cpu,
-    the deployments of prefect.yaml, the automations of k8s/automations (all idempotent)."""
+    """Register emo with the Prefect server at PREFECT_API_URL: work pools gpu and cpu (with
+    --farm: gpu-local and cpu-local), the deployments of prefect.yaml, the automations of
+    k8s/automations (all idempotent)."""
     from emo.prefect_setup import deploy as register_all
 
     report = register_all(
-        project.resolve(), image=image, timezone=timezone, namespace=namespace, wait_seconds=wait
+        project.resolve(),
+        image=image,
+        timezone=timezone,
+        namespace=namespace,
+        wait_seconds=wait,
+        farm=farm,
     )
     console.print(f"work pools: {', '.join(report.pools)}")
     console.print(

@@ -1,10 +1,15 @@
-"""``emo slots``: operations commands for whoever runs the render farm.
+"""``emo slots``, ``emo gc``, ``emo sweep``, ``emo worker``: operations commands for whoever
+runs the render farm.
 
 (``serve`` and ``deploy`` still live in ``emo.cli_jobs``; they belong here too.)
 """
 
 from __future__ import annotations
 
+import os
+import socket
+import sys
+import time
 from datetime import datetime
 from typing import Annotated
 
@@ -120,7 +125,68 @@ def _size(size: int) -> str:
     return f"{size} B"
 
 
+def sweep(
+    retry_failed: Annotated[
+        bool, typer.Option(help="also requeue failed jobs with attempts left (as nightly does)")
+    ] = False,
+    every: Annotated[
+        float | None,
+        typer.Option(min=10, help="sweep again every SECONDS until stopped (a cron in a process)"),
+    ] = None,
+) -> None:
+    """Dispatch again every queued or running job whose render is gone (crashed, never
+    started, cancelled by the infrastructure); mark cancelled the jobs whose run was cancelled
+    in Prefect. Safe to run from several places at once."""
+    from flows.sweep import sweep as sweep_flow
+
+    while True:
+        result = sweep_flow(retry_failed=retry_failed)
+        console.print(
+            f"sweep: {len(result['crashed'])} crashed, {len(result['retried'])} dispatched again, "
+            f"{len(result['cancelled'])} cancelled, {len(result['exhausted'])} out of attempts, "
+            f"{len(result['alive'])} left to their render"
+        )
+        for job_id, status in result["retried"].items():
+            console.print(f"  job {job_id}: {status}")
+        if every is None:
+            return
+        time.sleep(every)
+
+
+def worker(
+    pool: Annotated[str, typer.Option(help="work pool: gpu-local (renders) or cpu-local")],
+    limit: Annotated[
+        int | None, typer.Option(min=1, help="flow runs at once (GPU pool: this host's GPUs)")
+    ] = None,
+    name: Annotated[str | None, typer.Option(help="worker name; default host-pool")] = None,
+) -> None:
+    """Serve a work pool of the render farm on this workstation: a Prefect process worker
+    that runs emo's deployments (`emo deploy --farm` made them) as processes here. Needs
+    PREFECT_API_URL, EMO_DATABASE_URL and EMO_STORE_URL (and the store's keys); its runs
+    dispatch renders to the farm (EMO_DISPATCH=deployment)."""
+    from emo.errors import SettingsError
+
+    missing = [
+        v for v in ("PREFECT_API_URL", "EMO_DATABASE_URL", "EMO_STORE_URL") if not os.environ.get(v)
+    ]
+    if missing:
+        raise SettingsError(
+            f"{', '.join(missing)} not set: a farm worker needs the farm's Prefect API, job "
+            "database and object store (see the README's 'A render farm on a few workstations')"
+        )
+    os.environ.setdefault("EMO_DISPATCH", "deployment")
+    command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
+    command += ["--type", "process", "--name", name or f"{socket.gethostname()}-{pool}"]
+    if limit is not None:
+        command += ["--limit", str(limit)]
+    console.print(f"worker for pool {pool}: {' '.join(command[1:])}")
+    sys.stdout.flush()
+    os.execv(sys.executable, command)
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
     app.command()(slots)
     app.command()(gc)
+    app.command()(sweep)
+    app.command()(worker)

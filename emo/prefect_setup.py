@@ -9,6 +9,11 @@ running it twice changes nothing:
 2. the deployments of ``prefect.yaml`` (``prefect deploy --all``), with ``EMO_IMAGE``,
    ``EMO_NIGHTLY_TIMEZONE`` and ``EMO_NAMESPACE`` filled in;
 3. the automations of ``k8s/automations/*.yaml``, replaced by name.
+
+With ``farm=True`` (a render farm of workstations, no Kubernetes) the pools are ``gpu-local``
+and ``cpu-local`` of type ``process``, served by ``emo worker``; the deployments are the same,
+with no Kubernetes job variables, and run from the checkout at ``project`` on every
+workstation (as the image's /opt/emo is in the cluster).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +34,7 @@ from emo.errors import EmoError, SettingsError
 
 POOLS_DIR = Path("k8s/work-pools")
 AUTOMATIONS_DIR = Path("k8s/automations")
+FARM_POOLS = {"gpu": "gpu-local", "cpu": "cpu-local"}  # prefect.yaml's pool -> the farm's
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,37 @@ def ensure_work_pools(project: Path) -> list[str]:
     return names
 
 
-def deploy_all(project: Path, *, image: str, timezone: str, namespace: str) -> list[str]:
+def ensure_process_pools() -> list[str]:
+    """Create or update the farm's pools (type ``process``, Prefect's default template)."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import WorkPoolCreate
+    from prefect.workers.process import ProcessWorker
+
+    template = ProcessWorker.get_default_base_job_template()
+    with get_client(sync_client=True) as client:
+        for name in FARM_POOLS.values():
+            client.create_work_pool(
+                WorkPoolCreate(name=name, type="process", base_job_template=template),
+                overwrite=True,
+            )
+    return list(FARM_POOLS.values())
+
+
+def farm_config(project: Path) -> dict:
+    """prefect.yaml for the farm: its pools, no Kubernetes job variables, code at ``project``."""
+    config = yaml.safe_load((project / "prefect.yaml").read_text())
+    config["pull"] = [
+        {"prefect.deployments.steps.set_working_directory": {"directory": str(project)}}
+    ]
+    for deployment in config.get("deployments", []):
+        pool = deployment["work_pool"]["name"]
+        deployment["work_pool"] = {"name": FARM_POOLS[pool], "job_variables": {}}
+    return config
+
+
+def deploy_all(
+    project: Path, *, image: str, timezone: str, namespace: str, farm: bool = False
+) -> list[str]:
     """``prefect deploy --all`` in ``project``; returns the deployment names of prefect.yaml."""
     env = {
         **os.environ,
@@ -106,17 +143,32 @@ def deploy_all(project: Path, *, image: str, timezone: str, namespace: str) -> l
         "EMO_NIGHTLY_TIMEZONE": timezone,
         "EMO_NAMESPACE": namespace,
     }
-    done = subprocess.run(
-        [sys.executable, "-m", "prefect", "deploy", "--all", "--no-prompt"],
-        cwd=project,
-        env=env,
-        capture_output=True,
-        text=True,
-    )
+    if farm:
+        config = farm_config(project)
+    else:
+        config = yaml.safe_load((project / "prefect.yaml").read_text())
+    with tempfile.TemporaryDirectory(prefix="emo-deploy-") as folder:
+        prefect_file = Path(folder) / "prefect.yaml"
+        prefect_file.write_text(yaml.safe_dump(config, sort_keys=False))
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "prefect",
+                "deploy",
+                "--all",
+                "--no-prompt",
+                "--prefect-file",
+                str(prefect_file if farm else project / "prefect.yaml"),
+            ],
+            cwd=project,
+            env=env,
+            capture_output=True,
+            text=True,
+        )
     if done.returncode != 0:
         tail = "\n".join((done.stdout + done.stderr).strip().splitlines()[-15:])
         raise EmoError(f"prefect deploy --all failed in {project}:\n{tail}")
-    config = yaml.safe_load((project / "prefect.yaml").read_text())
     return [d["name"] for d in config.get("deployments", [])]
 
 
@@ -138,13 +190,21 @@ def ensure_automations(project: Path) -> list[str]:
 
 
 def deploy(
-    project: Path, *, image: str, timezone: str, namespace: str, wait_seconds: float = 0
+    project: Path,
+    *,
+    image: str,
+    timezone: str,
+    namespace: str,
+    wait_seconds: float = 0,
+    farm: bool = False,
 ) -> DeployReport:
     """Register everything; see the module docstring."""
     check_project(project)
     check_timezone(timezone)
     wait_for_api(wait_seconds)
-    pools = ensure_work_pools(project)
-    deployments = deploy_all(project, image=image, timezone=timezone, namespace=namespace)
+    pools = ensure_process_pools() if farm else ensure_work_pools(project)
+    deployments = deploy_all(
+        project, image=image, timezone=timezone, namespace=namespace, farm=farm
+    )
     automations = ensure_automations(project)
     return DeployReport(pools=pools, deployments=deployments, automations=automations)

@@ -67,6 +67,18 @@ class Settings(BaseSettings):
     )
     lease_seconds: float = Field(60.0, ge=1, le=3600, description="job lease time to live")
     max_attempts: int = Field(3, ge=1, le=100, description="default attempts per job")
+    sweep_grace_seconds: float = Field(
+        120.0,
+        ge=0,
+        le=86400,
+        description="the sweep leaves a job alone this long after its dispatch (or creation)",
+    )
+    transient_retry_seconds: float = Field(
+        900.0,
+        ge=0,
+        le=86400,
+        description="a render retries an unreachable database or store in place this long",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     qc_max_seam_jitter: float = Field(1.3, gt=0, description="QC warning above this")

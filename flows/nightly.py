@@ -1,30 +1,32 @@
-"""nightly: pick up manifests dropped in the store's inbox, and retry failed jobs.
+"""nightly: submit the manifests dropped in the store's inbox, then sweep and retry failed jobs.
 
-Each manifest under the inbox prefix is moved to ``processed/<date>/`` (copied, then deleted
-from the inbox) before it is submitted, so each is processed once; a crash between the two
-steps can only resubmit the same manifest, which is idempotent. Failed jobs with attempts left
-are requeued and rendered. So are crashed jobs: still ``running`` but with no live lease (their
-pod or node died; the zombie automation marks such flow runs Crashed). They are marked failed
-first, so a crash counts as an attempt, and rendering them again resumes from their last
-verified segment. A report artifact lists what happened.
+A manifest stays in the inbox until its batch is registered; only then is it moved to
+``processed/<batch id>/`` (copied, then deleted), or, if it is invalid, to
+``rejected/<sha256 of its bytes>/`` with a note of why. A kill at any point leaves it in the
+inbox (or in both places), never in neither, and the next nightly submits it again:
+registration is idempotent on content, so no batch is made twice, and the folder is named by
+content, so no second copy is filed. A manifest that fails for a service's sake stays in the
+inbox for the next night. The new batches' jobs are dispatched; then the sweep
+(``flows.sweep``) requeues failed jobs with attempts left and dispatches again every job whose
+render is gone. A report artifact lists what happened.
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
-from datetime import UTC, datetime
 from typing import Any
 
 from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
-from sqlalchemy import select
 
-from db.jobs import fail_crashed_job, requeue_job
-from db.models import Job, JobStatus
 from emo.errors import EmoError
+from emo.faults import fault_point
 from flows.context import Services, services
-from flows.submit_batch import dispatch, submit_batch
+from flows.dispatch import settle
+from flows.submit_batch import submit_batch
+from flows.sweep import markdown, report, sweep_jobs
 
 MANIFEST_SUFFIXES = (".yaml", ".yml", ".json", ".csv")
 ACTOR = "nightly"
@@ -43,104 +45,64 @@ def list_inbox(svc: Services, inbox: str) -> list[str]:
 
 
 @task(cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10)
-def claim_manifest(svc: Services, key: str, target: str) -> bool:
-    """Move one manifest to ``target`` (copy, then delete); False if another run took it.
-
-    Safe to retry: a manifest already copied but not yet deleted is finished, not copied
-    again; one that is gone from the inbox and from ``target`` belongs to another run.
-    """
+def file_manifest(svc: Services, key: str, target: str, note: str | None = None) -> None:
+    """Move a handled manifest out of the inbox: copy (with its note), then delete. Safe to
+    repeat; a manifest already gone from the inbox was filed by another run."""
     if not svc.store.exists(key):
-        return False
+        return
+    if note is not None:
+        svc.store.put_bytes(f"{target}.error.txt", note.encode())
     if not svc.store.exists(target):
         svc.store.put_bytes(target, svc.store.get_bytes(key))
+    fault_point("nightly.copied")
     svc.store.delete(key)
-    return True
-
-
-def _return_to_inbox(svc: Services, key: str, source: str) -> None:
-    """Put a claimed manifest back where it came from (best effort; logged if impossible)."""
-    try:
-        if svc.store.exists(key):
-            svc.store.put_bytes(source, svc.store.get_bytes(key))
-            svc.store.delete(key)
-    except Exception as error:  # noqa: BLE001 (the store itself is down: say where it is)
-        log.error("manifest stays at %s (could not return it to %s): %s", key, source, error)
-
-
-@task(cache_policy=NO_CACHE)
-def requeue_failed(svc: Services) -> list[str]:
-    """Requeue failed jobs that have attempts left; returns their ids."""
-    with svc.sessions() as session:
-        failed = list(
-            session.scalars(
-                select(Job).where(Job.status == JobStatus.FAILED, Job.attempt < Job.max_attempts)
-            )
-        )
-        requeued = []
-        for job in failed:
-            requeue_job(session=session, job_id=job.id, actor=ACTOR, reason="nightly retry")
-            requeued.append(job.id)
-    return requeued
-
-
-@task(cache_policy=NO_CACHE)
-def fail_crashed(svc: Services) -> list[str]:
-    """Mark failed the running jobs nobody renders (``fail_crashed_job`` checks the lease)."""
-    with svc.sessions() as session:
-        running = list(session.scalars(select(Job.id).where(Job.status == JobStatus.RUNNING)))
-    crashed = []
-    for job_id in running:
-        with svc.sessions() as session:
-            if fail_crashed_job(session=session, job_id=job_id, actor=ACTOR):
-                crashed.append(job_id)
-    return crashed
 
 
 @flow(name="nightly", flow_run_name="nightly {inbox}")
 def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
-    """Submit new manifests from the inbox, then retry failed jobs; publish a report."""
+    """Submit new manifests from the inbox, then sweep (and retry failed jobs); a report."""
     svc = services()
-    report: dict[str, Any] = {"submitted": [], "rejected": [], "crashed": [], "retried": {}}
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    result: dict[str, Any] = {"submitted": [], "rejected": [], "dispatched": {}}
     base = svc.store.uri(inbox.strip("/"))  # relative inputs resolve against the inbox
+    new_jobs: list[str] = []
     for source in list_inbox(svc, inbox):
-        key = f"processed/{stamp}/{source.rsplit('/', 1)[-1]}"
-        try:  # one manifest at a time: claimed, then submitted, whatever the others do
-            if not claim_manifest(svc, source, key):
-                continue
-            result = submit_batch(manifest=svc.store.uri(key), base=base)
-            report["submitted"].append(
-                {"manifest": key, "batch": result["name"], "created": result["created"]}
-            )
+        name = source.rsplit("/", 1)[-1]
+        try:  # one manifest at a time, whatever the others do
+            batch = submit_batch(manifest=svc.store.uri(source), base=base, render=False)
         except EmoError as error:
-            report["rejected"].append({"manifest": key, "error": str(error)})
-        except Exception as error:  # noqa: BLE001 (a service failure: retry it next night)
-            log.error("nightly: manifest %s failed, back to the inbox: %s", source, error)
-            _return_to_inbox(svc, key, source)
-            report["rejected"].append({"manifest": source, "error": f"will retry: {error}"})
-    if retry_failed:
-        report["crashed"] = fail_crashed(svc)
-        report["retried"] = dispatch(svc, "nightly-retry", requeue_failed(svc), None)
-    lines = [
-        "# Nightly report",
-        "",
-        f"- manifests submitted: {len(report['submitted'])}",
-        f"- manifests rejected: {len(report['rejected'])}",
-        f"- crashed jobs found (marked failed): {len(report['crashed'])}",
-        f"- failed jobs retried: {len(report['retried'])}",
-        "",
+            digest = hashlib.sha256(svc.store.get_bytes(source)).hexdigest()[:16]
+            file_manifest(svc, source, f"rejected/{digest}/{name}", note=str(error))
+            result["rejected"].append({"manifest": source, "error": str(error)})
+            continue
+        except Exception as error:  # noqa: BLE001 (a service failure: it stays for next night)
+            log.error("nightly: manifest %s stays in the inbox: %s", source, error)
+            result["rejected"].append({"manifest": source, "error": f"will retry: {error}"})
+            continue
+        fault_point("nightly.registered")
+        file_manifest(svc, source, f"processed/{batch['batch_id'][:16]}/{name}")
+        result["submitted"].append(
+            {"manifest": source, "batch": batch["name"], "created": batch["created"]}
+        )
+        new_jobs += batch["jobs"].values()
+    fault_point("nightly.filed")
+    dispatched = report(settle(svc, new_jobs, actor=ACTOR, eager=True)) if new_jobs else None
+    result["dispatched"] = dispatched["retried"] if dispatched else {}
+    result |= sweep_jobs(svc, actor=ACTOR, retry_failed=retry_failed)
+    lines = markdown("Nightly report", result)
+    lines[2:2] = [
+        f"- manifests submitted: {len(result['submitted'])}",
+        f"- manifests rejected: {len(result['rejected'])}",
     ]
     lines += [
-        f"- submitted `{s['manifest']}` as batch **{s['batch']}**" for s in report["submitted"]
+        f"- submitted `{s['manifest']}` as batch **{s['batch']}**" for s in result["submitted"]
     ]
-    lines += [f"- rejected `{r['manifest']}`: {r['error']}" for r in report["rejected"]]
-    lines += [f"- retried job `{job}`: {status}" for job, status in report["retried"].items()]
+    lines += [f"- rejected `{r['manifest']}`: {r['error']}" for r in result["rejected"]]
     create_markdown_artifact(
         key="nightly-report",
         markdown="\n".join(lines),
         description="nightly inbox and retry report",
     )
-    return report
+    return result
 
 
 if __name__ == "__main__":

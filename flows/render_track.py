@@ -18,6 +18,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -30,9 +31,11 @@ from prefect.artifacts import (
     update_progress_artifact,
 )
 from prefect.cache_policies import NO_CACHE
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run, task_run
 
-from db.jobs import begin_run, fail_job, finish_job, get_job
+from db.jobs import begin_run, fail_job, finish_job, get_job, job_status, stop_job
 from db.models import JobStatus
 from db.segments import list_segments, record_segment_done, store_plan
 from emo import media, progress
@@ -64,6 +67,7 @@ from emo.store.checkpoint import (
 )
 from flows.context import JobCancelled, JobLease, Services, services
 from flows.gpu_slot import GpuSlot
+from flows.retry import in_place
 from flows.versions import software_versions
 
 log = logging.getLogger(__name__)
@@ -159,16 +163,20 @@ def plan_job(
         clip_frames=clip_frames,
         segment_seconds=params.segment_seconds,
     )
-    with svc.sessions() as session:
-        job = get_job(session=session, job_id=job_id)
-        if job.plan is not None and job.plan_sha256 != plan.sha256:
-            raise SettingsError(_plan_change(job_id, SegmentPlan.from_dict(job.plan), plan))
-        try:
+
+    def store() -> None:
+        with svc.sessions() as session:
+            job = get_job(session=session, job_id=job_id)
+            if job.plan is not None and job.plan_sha256 != plan.sha256:
+                raise SettingsError(_plan_change(job_id, SegmentPlan.from_dict(job.plan), plan))
             store_plan(
                 session=session, job_id=job_id, plan=plan, actor="render-track", epoch=lease.epoch
             )
-        except EpochSuperseded as error:
-            lease.fenced(error)
+
+    try:
+        in_place(store, lease=lease, what="storing the plan")
+    except EpochSuperseded as error:
+        lease.fenced(error)
     return plan
 
 
@@ -254,9 +262,13 @@ def render_segment_task(
     started = time.perf_counter()
     motion = None
     if previous is not None:
-        path = svc.store.get_file(
-            previous.key("motion.safetensors"),
-            inputs.scratch / f"motion-in-{segment.index:05d}.safetensors",
+        path = in_place(
+            lambda: svc.store.get_file(
+                previous.key("motion.safetensors"),
+                inputs.scratch / f"motion-in-{segment.index:05d}.safetensors",
+            ),
+            lease=lease,
+            what="fetching the previous segment's motion state",
         )
         motion = MotionState.load(path)
     frames, state = _render(pipeline, inputs, plan, segment, params, motion, lease)
@@ -269,13 +281,17 @@ def render_segment_task(
     state.save(motion_path)
     seconds = time.perf_counter() - started
     lease.check()  # a render that knows it lost the job uploads nothing more
-    checkpoint = write_segment_checkpoint(
-        svc.store,
-        job_id=job_id,
-        index=segment.index,
-        epoch=lease.epoch,
-        files={"video.mp4": video, "motion.safetensors": motion_path},
-        meta={**binding, "seed": params.seed, "render_seconds": seconds},
+    checkpoint = in_place(
+        lambda: write_segment_checkpoint(
+            svc.store,
+            job_id=job_id,
+            index=segment.index,
+            epoch=lease.epoch,
+            files={"video.mp4": video, "motion.safetensors": motion_path},
+            meta={**binding, "seed": params.seed, "render_seconds": seconds},
+        ),
+        lease=lease,
+        what=f"writing segment {segment.index}'s checkpoint",
     )
     _record(svc, lease, checkpoint, "render-track")
     video.unlink(missing_ok=True)
@@ -285,7 +301,8 @@ def render_segment_task(
 def _record(svc: Services, lease: JobLease, checkpoint: SegmentCheckpoint, actor: str) -> None:
     """Record the segment's checkpoint, fenced by this render's epoch (``EpochSuperseded``
     raised as the lease loss it is)."""
-    try:
+
+    def record() -> None:
         with svc.sessions() as session:
             record_segment_done(
                 session=session,
@@ -297,6 +314,9 @@ def _record(svc: Services, lease: JobLease, checkpoint: SegmentCheckpoint, actor
                 actor=actor,
                 epoch=lease.epoch,
             )
+
+    try:
+        in_place(record, lease=lease, what=f"recording segment {checkpoint.index}")
     except EpochSuperseded as error:
         lease.fenced(error)
 
@@ -382,7 +402,13 @@ def assemble(
     """Concatenate the segments (stream copy), mux the track, check the result, export, and
     upload it under this render's epoch (unpublished until the job's fenced commit)."""
     videos = [
-        svc.store.get_file(c.key("video.mp4"), inputs.scratch / f"final-{c.index:05d}.mp4")
+        in_place(
+            lambda c=c: svc.store.get_file(
+                c.key("video.mp4"), inputs.scratch / f"final-{c.index:05d}.mp4"
+            ),
+            lease=lease,
+            what=f"fetching segment {c.index}",
+        )
         for c in checkpoints
     ]
     final = media.concat_videos(videos, inputs.scratch / "final.mp4", audio=inputs.audio_path)
@@ -396,7 +422,7 @@ def assemble(
         archive = shutil.make_archive(str(inputs.scratch / "final_png"), "zip", frames[0].parent)
         final = Path(archive)
     key = f"{output_prefix(job_id, lease.epoch)}{final.name}"
-    svc.store.put_file(key, final)
+    in_place(lambda: svc.store.put_file(key, final), lease=lease, what="uploading the video")
     return final, key
 
 
@@ -498,6 +524,9 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
     started = time.perf_counter()
     with JobLease(svc, job_id) as lease:
         with svc.sessions() as session:
+            if job_status(session=session, job_id=job_id) is JobStatus.CANCELLED:
+                log.warning("job %s is cancelled; nothing to render", job_id)
+                return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
             row = begin_run(session=session, job_id=job_id, actor=lease.owner)
             job = JobRecord(
                 job_id=job_id,
@@ -513,9 +542,61 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
         except JobCancelled:
             log.warning("job %s cancelled; verified segments are kept", job_id)
             return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
+        except (TerminationSignal, KeyboardInterrupt) as stop:
+            _stopped(svc, lease, job_id, stop)
+            raise
         except BaseException as error:
             _mark_failed(svc, lease, job_id, error)
             raise
+
+
+def _stopped(svc: Services, lease: JobLease, job_id: str, stop: BaseException) -> None:
+    """The render was told to stop (SIGTERM: a cancel from Prefect, a drain, an eviction, a
+    spot reclaim; or Ctrl-C). A cancel makes the job cancelled; anything else requeues it with
+    its attempt given back, since its own work did not fail. Fenced by the epoch like every
+    write; the lease (and the GPU slot on it) is released on the way out."""
+    cancel = isinstance(stop, TerminationSignal) and _cancel_requested()
+    what = "SIGTERM" if isinstance(stop, TerminationSignal) else "an interrupt (Ctrl-C)"
+    to = JobStatus.CANCELLED if cancel else JobStatus.QUEUED
+    reason = (
+        "cancelled in Prefect; verified segments are kept"
+        if cancel
+        else f"stopped by {what} before finishing; requeued (the attempt is given back)"
+    )
+    try:
+        with svc.sessions() as session:
+            stop_job(
+                session=session,
+                job_id=job_id,
+                epoch=lease.epoch,
+                to=to,
+                actor=lease.owner,
+                reason=reason,
+            )
+        log.warning("job %s: %s", job_id, reason)
+    except EpochSuperseded:
+        log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
+    except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)
+        log.error("job %s: cannot record the stop (%s); the sweep will find it", job_id, failure)
+
+
+def _cancel_requested() -> bool:
+    """Whether the SIGTERM is Prefect cancelling this run (the UI's Cancel, on the run or on
+    its batch), rather than the machine going away: the runner says so directly (a process
+    worker), otherwise the run's state does (CANCELLING, set before a worker kills the pod)."""
+    from prefect._internal import control_listener
+    from prefect.client.orchestration import get_client
+
+    if control_listener.get_intent() == "cancel":
+        return True
+    if flow_run.id is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+    except Exception:  # noqa: BLE001 (Prefect unreachable: not a cancel we can see)
+        return False
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
 
 
 def _mark_failed(svc: Services, lease: JobLease, job_id: str, error: BaseException) -> None:
@@ -589,16 +670,26 @@ def _render_segments(svc: Services, lease: JobLease, job: JobRecord) -> Rendered
     checkpoints: list[SegmentCheckpoint] = []
     rendered = 0
     weights_sha256 = pipeline.bundle.sha256 if pipeline.bundle else None
-    recorded = _recorded(svc, job_id)
+    recorded = in_place(lambda: _recorded(svc, job_id), lease=lease, what="reading segments")
     for segment in plan.segments:
         lease.mark_progress()
-        lease.verify()  # still the job's holder, and still holding its GPU slot
-        _check_cancelled(svc, job_id)
+        # Still the job's holder, still holding its GPU slot, and the job not cancelled.
+        in_place(lease.verify, lease=lease, what="checking the lease")
+        in_place(lambda: _check_cancelled(svc, job_id), lease=lease, what="reading the job")
         previous = checkpoints[-1] if checkpoints else None
         binding = segment_binding(job, plan, segment, params, config, weights_sha256, previous)
         key, sha = recorded.get(segment.index, (None, None))
-        checkpoint = read_segment_checkpoint(
-            svc.store, job_id=job_id, index=segment.index, expect=binding, recorded_key=key
+        checkpoint = in_place(
+            partial(
+                read_segment_checkpoint,
+                svc.store,
+                job_id=job_id,
+                index=segment.index,
+                expect=binding,
+                recorded_key=key,
+            ),
+            lease=lease,
+            what=f"reading segment {segment.index}'s checkpoints",
         )
         if checkpoint is not None and checkpoint.manifest_sha256 != sha:
             # A render that died (or was displaced) after writing this attempt: adopt it.
@@ -675,13 +766,18 @@ def _finish(
         "timings": {"run_seconds": time.perf_counter() - started},
     }
     prefix = output_prefix(job_id, lease.epoch)
-    svc.store.put_bytes(f"{prefix}qc.json", json.dumps(qc, indent=2).encode())
-    svc.store.put_bytes(
-        f"{prefix}sidecar.json", json.dumps(sidecar, indent=2, sort_keys=True).encode()
-    )
+    reports = {
+        f"{prefix}qc.json": json.dumps(qc, indent=2).encode(),
+        f"{prefix}sidecar.json": json.dumps(sidecar, indent=2, sort_keys=True).encode(),
+    }
+    for report_key, data in reports.items():
+        in_place(
+            lambda k=report_key, d=data: svc.store.put_bytes(k, d), lease=lease, what="uploading"
+        )
     output_uri = svc.store.uri(final_key)
-    lease.verify()  # only the lease holder may finish the job
-    try:
+    in_place(lease.verify, lease=lease, what="checking the lease")  # only the holder finishes
+
+    def finish() -> None:
         with svc.sessions() as session:
             finish_job(
                 session=session,
@@ -692,6 +788,9 @@ def _finish(
                 actor=lease.owner,
                 reason=f"{rendered} segment(s) rendered this run",
             )
+
+    try:
+        in_place(finish, lease=lease, what="finishing the job")
     except EpochSuperseded as error:
         lease.fenced(error)
     target = _publish_output(final, Path(output), sidecar) if output else None

@@ -21,17 +21,15 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
-from prefect import flow, tags, task
+from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
-from prefect.deployments import run_deployment
 from prefect.states import State
 
 from db.batches import JobSpec, find_batch, register_batch
-from db.jobs import fail_crashed_job, requeue_job
 from db.models import Batch, Job, JobStatus
 from emo import media
-from emo.errors import EmoError, JobStateError, ObjectNotFound
+from emo.errors import EmoError, ObjectNotFound
 from emo.manifest import Manifest, ManifestError, parse_manifest
 from emo.plan import frame_count
 from emo.render import (
@@ -47,7 +45,7 @@ from emo.render import (
 )
 from emo.store.base import is_fresh, sha256_file
 from flows.context import Services, services
-from flows.render_track import render_track
+from flows.dispatch import settle
 
 log = logging.getLogger(__name__)
 ACTOR = "submit-batch"
@@ -312,60 +310,18 @@ def batch_rows(jobs: list[Job]) -> list[dict[str, Any]]:
 def dispatch(
     svc: Services, batch_name: str, job_ids: list[str], output_dir: str | None
 ) -> dict[str, str]:
-    """Render the jobs: as subflows here (inline) or as deployment runs (Kubernetes)."""
-    outcome: dict[str, str] = {}
-    if svc.settings.dispatch == "inline":
-        for job_id in job_ids:
-            output = _output_path(svc, job_id, output_dir)
-            try:
-                with tags(f"batch:{batch_name}"):
-                    result = render_track(job_id=job_id, output=output)
-                outcome[job_id] = result["status"]
-            except Exception as error:  # noqa: BLE001 (one job's failure is not the batch's)
-                log.error("job %s failed: %s", job_id, error)
-                outcome[job_id] = f"failed: {error}"
-        return outcome
-    runs = {}
-    for job_id in job_ids:
-        key = _dispatch_key(svc, job_id)
-        if key is None:
-            outcome[job_id] = "failed: crashed with no attempts left"
-            continue
-        runs[job_id] = run_deployment(
-            svc.settings.render_deployment,
-            parameters={"job_id": job_id, "output": _output_path(svc, job_id, output_dir)},
-            idempotency_key=key,
-            timeout=0,
-            tags=[f"batch:{batch_name}"],
-        )
-    for job_id, run in runs.items():
-        outcome[job_id] = _wait(run.id).name
-    return outcome
-
-
-def _dispatch_key(svc: Services, job_id: str) -> str | None:
-    """Idempotency key of the render run for the job's current attempt, or None when the job
-    crashed and has no attempts left.
-
-    A queued job's run will be attempt+1; a running job's run is the one that made it
-    running (attempt), so a retried submit-batch gets that run back instead of starting a
-    second render. A running job whose render died (no live lease) is first marked failed and
-    requeued: its next run is a new attempt with a new key, not the crashed run.
-    """
-    with svc.sessions() as session:
-        crashed = fail_crashed_job(session=session, job_id=job_id, actor=ACTOR)
-    if crashed:
-        with svc.sessions() as session:
-            try:
-                requeue_job(session=session, job_id=job_id, actor=ACTOR, reason="crashed run")
-            except JobStateError:  # attempts used up: the job stays failed
-                return None
-    with svc.sessions() as session:
-        job = session.get(Job, job_id)
-        attempt = job.attempt + 1 if job.status is JobStatus.QUEUED else job.attempt
-    # The pin is part of the key: `emo resume --new-weights` restarts the attempts, and its
-    # runs must not be answered with the runs of the job's previous pin.
-    return f"{job_id}:{(job.weights_sha256 or 'configured')[:12]}:attempt-{attempt}"
+    """Render the jobs that need it (``flows.dispatch.settle``: a job already rendering or
+    waiting for its run keeps it) and wait for their runs; job id -> how its run ended."""
+    outcomes = settle(
+        svc, job_ids, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, eager=True
+    )
+    result = {}
+    for outcome in outcomes:
+        if outcome.flow_run_id is not None:
+            result[outcome.job_id] = _wait(outcome.flow_run_id).name
+        else:
+            result[outcome.job_id] = outcome.detail or outcome.action
+    return result
 
 
 def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
@@ -378,15 +334,6 @@ def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
             if state is not None and state.is_final():
                 return state
             time.sleep(poll_seconds)
-
-
-def _output_path(svc: Services, job_id: str, output_dir: str | None) -> str | None:
-    if output_dir is None:
-        return None
-    with svc.sessions() as session:
-        job = session.get(Job, job_id)
-        suffix = {"mov": ".mov", "png": ""}.get(job.params.get("format", "mp4"), ".mp4")
-        return str(Path(output_dir) / f"{job.name}{suffix}")
 
 
 def _register(

@@ -71,7 +71,7 @@ def test_state_machine_happy_path_and_events(session) -> None:
         ([], S.SUCCEEDED),
         ([], S.FAILED),
         ([], S.QUEUED),
-        ([S.RUNNING], S.QUEUED),
+        ([S.RUNNING, S.SUCCEEDED], S.CANCELLED),
         ([S.RUNNING], S.RUNNING),
         ([S.RUNNING, S.SUCCEEDED], S.RUNNING),
         ([S.RUNNING, S.SUCCEEDED], S.QUEUED),

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
+import sys
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import pytest
 import yaml
 from sqlalchemy import select
 
@@ -13,12 +17,11 @@ from db.engine import make_engine, session_factory
 from db.events import job_events
 from db.jobs import transition_job
 from db.leases import acquire_lease, current_lease
-from db.models import Batch, Job, JobStatus, Lease
-from flows.context import services
+from db.models import Batch, Job, JobStatus
 from flows.nightly import nightly
 from flows.submit_batch import submit_batch
 from tests.conftest import run_emo
-from tests.flows.conftest import Studio, environment, manifest
+from tests.flows.conftest import Studio, clear_caches, environment, manifest
 
 
 def _inbox_manifest(studio: Studio, name: str) -> bytes:
@@ -111,45 +114,6 @@ def test_nightly_resumes_crashed_jobs_and_leaves_live_ones(studio: Studio, tmp_p
         assert current_lease(session=session, job_id=busy).owner == "gpu-pod-8:1"
 
 
-def test_deployment_dispatch_keys_follow_attempts(studio: Studio, tmp_path: Path) -> None:
-    """The run key of a running job is the one it was dispatched with (a retried submit-batch
-    gets the same run back); a crashed job gets a new attempt and key, until none are left."""
-    from flows.submit_batch import _dispatch_key
-
-    result = submit_batch(
-        manifest=str(manifest(tmp_path / "keys.yaml", studio, ["solo"], steps=2)), render=False
-    )
-    job_id = result["jobs"]["solo"]
-    svc = services()
-    url = studio.env["EMO_DATABASE_URL"]
-    with session_factory(make_engine(url))() as session:
-        pin = session.get(Job, job_id).weights_sha256[:12]  # the job's bundle names its runs
-    assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-1"
-    with session_factory(make_engine(url))() as session:
-        transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
-        acquire_lease(session=session, job_id=job_id, owner="gpu-pod-1:1", ttl_seconds=3600)
-    assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-1"  # rendering: the same run
-
-    def crash(max_attempts: int) -> None:
-        with session_factory(make_engine(url))() as session:
-            session.get(Lease, job_id).expires_at = datetime.now(UTC) - timedelta(minutes=5)
-            session.get(Job, job_id).max_attempts = max_attempts
-            session.commit()
-
-    crash(max_attempts=3)
-    assert _dispatch_key(svc, job_id) == f"{job_id}:{pin}:attempt-2"
-    with session_factory(make_engine(url))() as session:
-        assert session.get(Job, job_id).status is JobStatus.QUEUED
-        assert session.get(Lease, job_id) is None  # the crashed holder's lease was revoked
-        transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor="test")
-        acquire_lease(session=session, job_id=job_id, owner="gpu-pod-2:1", ttl_seconds=3600)
-    crash(max_attempts=2)
-    assert _dispatch_key(svc, job_id) is None  # attempts used up
-    with session_factory(make_engine(url))() as session:
-        job = session.get(Job, job_id)
-        assert job.status is JobStatus.FAILED and job.error.startswith("crashed")
-
-
 def test_cli_status_and_cancel(studio: Studio, tmp_path: Path, prefect_server: str) -> None:
     result = submit_batch(
         manifest=str(manifest(tmp_path / "cli.yaml", studio, ["x", "y"])), render=False
@@ -169,3 +133,42 @@ def test_cli_status_and_cancel(studio: Studio, tmp_path: Path, prefect_server: s
     assert again.returncode == 1 and "cannot go from cancelled" in again.stderr
     unknown = run_emo("status", "nosuchjob", env=env)
     assert unknown.returncode == 1 and "no single job" in unknown.stderr
+
+
+@pytest.mark.parametrize(
+    "point", ["nightly.registered", "nightly.copied", "nightly.filed", "dispatch.claimed"]
+)
+def test_a_nightly_killed_anywhere_loses_no_manifest_and_makes_no_second_batch(
+    studio: Studio, prefect_server: str, point: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """kill -9 of a nightly at each step between finding a manifest and rendering its jobs:
+    the manifest is in the inbox or filed (never in neither place), and the next nightly
+    finishes the work with the same batch."""
+    store = studio.store
+    store.put_file("inbox/portrait.png", studio.portrait)
+    store.put_file("inbox/vocal.wav", studio.vocal)
+    store.put_bytes("inbox/friday.yaml", _inbox_manifest(studio, "friday"))
+    killed = subprocess.run(
+        [sys.executable, "-c", "from flows.nightly import nightly; nightly()"],
+        env={**environment(studio, prefect_server), "EMO_FAULT_POINT": point},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    places = [i.key for i in store.list("") if i.key.endswith("friday.yaml")]
+    assert places, f"killed at {point}: the manifest is nowhere"
+    assert ("inbox/friday.yaml" in places) == (point in ("nightly.registered", "nightly.copied"))
+
+    # The next night: long past the grace the sweep leaves a dispatcher (made 0 here).
+    monkeypatch.setenv("EMO_SWEEP_GRACE_SECONDS", "0")
+    clear_caches()
+    report = nightly(inbox="inbox/")
+    assert [s["batch"] for s in report["submitted"]] == (
+        ["friday"] if point in ("nightly.registered", "nightly.copied") else []
+    )
+    filed = [i.key for i in store.list("") if i.key.endswith("friday.yaml")]
+    assert len(filed) == 1 and filed[0].startswith("processed/")
+    with session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))() as session:
+        (batch,) = session.scalars(select(Batch)).all()
+        assert [(j.status, j.attempt) for j in batch.jobs] == [(JobStatus.SUCCEEDED, 1)]

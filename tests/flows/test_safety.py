@@ -24,7 +24,6 @@ from emo.render import JobParams
 from emo.store import LocalStore
 from emo.store.checkpoint import read_segment_checkpoint, write_segment_checkpoint
 from flows.context import LeaseHeld
-from flows.nightly import claim_manifest
 from flows.render_track import JobRecord, _replace_frame_folder, render_track, segment_binding
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, manifest
@@ -145,28 +144,6 @@ def test_png_output_never_deletes_a_users_folder(tmp_path: Path) -> None:
     assert sorted(p.name for p in earlier.iterdir()) == ["frame_000001.png"]
     assert (earlier / "frame_000001.png").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
-
-
-def test_claiming_an_inbox_manifest_is_safe_to_retry(tmp_path: Path) -> None:
-    store = LocalStore(tmp_path / "store")
-    store.put_bytes("inbox/a.yaml", b"name: a")
-    assert claim_manifest.fn(store_services(store), "inbox/a.yaml", "processed/1/a.yaml")
-    assert store.get_bytes("processed/1/a.yaml") == b"name: a"
-    # Crash after the copy, before the delete: the retry finishes the move.
-    store.put_bytes("inbox/b.yaml", b"name: b")
-    store.put_bytes("processed/1/b.yaml", b"name: b")
-    assert claim_manifest.fn(store_services(store), "inbox/b.yaml", "processed/1/b.yaml")
-    assert not store.exists("inbox/b.yaml")
-    # Gone from the inbox (another run took it): nothing to do.
-    assert not claim_manifest.fn(store_services(store), "inbox/a.yaml", "processed/2/a.yaml")
-    assert not store.exists("processed/2/a.yaml")
-
-
-def store_services(store: LocalStore):
-    """The slice of Services that claim_manifest uses: the store."""
-    from types import SimpleNamespace
-
-    return SimpleNamespace(store=store)
 
 
 def test_an_assembled_video_of_the_wrong_length_fails_the_job(tmp_path: Path) -> None:

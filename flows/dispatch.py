@@ -1,0 +1,249 @@
+"""Dispatch: give each waiting job a live render, and never hand back a run that died.
+
+A queued or running job is in one of three conditions, judged from the job database (its lease)
+and the Prefect server (the render run of its latest dispatch):
+
+- **alive**: someone renders it (a live lease), or its run waits for a worker or a GPU pool
+  slot (scheduled, paused), or was dispatched moments ago;
+- **cancelled**: its run was cancelled in Prefect (the UI's Cancel on the run or on its batch)
+  without the render getting to say so: the job is marked cancelled;
+- **gone**: its run crashed, failed or completed without finishing the job, was never
+  started, or Prefect no longer knows it. A running job is first marked failed as crashed
+  (its lease revoked, the crash counted as an attempt) and requeued while attempts are left;
+  then the job is dispatched again under the next dispatch generation, so its new run has a
+  new idempotency key.
+
+Submitting a batch again and the sweep (nightly, ``emo sweep``) both go through ``settle``.
+Inline (no deployments), a job is rendered here instead, in this process.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from prefect import tags
+from prefect.client.schemas.objects import StateType
+
+from db.dispatch import DispatchView, begin_dispatch, record_run, waiting_jobs
+from db.jobs import fail_crashed_job, get_job, requeue_job, transition_job
+from db.models import JobStatus, utcnow
+from emo.errors import JobStateError
+from emo.faults import fault_point
+from flows.context import Services, dead_local_owner
+
+log = logging.getLogger(__name__)
+
+FINISHED_RUN = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED)
+STARTED_RUN = (StateType.PENDING, StateType.RUNNING)
+
+
+class Verdict(StrEnum):
+    ALIVE = "alive"
+    GONE = "gone"
+    CANCELLED = "cancelled"
+
+
+@dataclass(frozen=True)
+class RunInfo:
+    """The Prefect flow run of a job's latest dispatch, as the server reports it now."""
+
+    state: StateType | None  # None: the server has no such run
+    since: datetime | None  # when it entered that state
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What settling one job did: left it (alive), dispatched it, cancelled it, or gave up."""
+
+    job_id: str
+    action: str  # alive | dispatched | rendered | cancelled | exhausted
+    flow_run_id: str | None = None
+    detail: str = ""
+    crashed: bool = False  # it was running with its render dead: marked failed first
+
+
+def judge(
+    view: DispatchView,
+    run: RunInfo | None,
+    *,
+    now: datetime,
+    grace_seconds: float,
+    eager: bool = False,
+) -> Verdict:
+    """Alive, gone or cancelled (see the module's docstring). ``run`` is None inline, where
+    renders have no run of their own to ask about. A job with no run to ask about that was
+    dispatched less than ``grace_seconds`` ago (or made then) is left to its dispatcher, unless
+    ``eager`` (a user's submit or render: dispatch it now)."""
+    if view.lease_live:
+        return Verdict.ALIVE
+    recent = now - (view.dispatched_at or view.created_at) < timedelta(seconds=grace_seconds)
+    state = run.state if run is not None else None
+    if state in (StateType.CANCELLED, StateType.CANCELLING):
+        stale = run.since is None or now - run.since >= timedelta(seconds=grace_seconds)
+        if state is StateType.CANCELLED or stale:
+            return Verdict.CANCELLED
+        return Verdict.ALIVE  # the render is stopping and will say so itself
+    if view.status is JobStatus.RUNNING:
+        return Verdict.GONE  # running with no live lease: its render died
+    if state in (StateType.SCHEDULED, StateType.PAUSED):
+        return Verdict.ALIVE  # waiting for a worker, or for the deployment's concurrency
+    if state in STARTED_RUN:
+        since = run.since or view.dispatched_at or view.created_at
+        return Verdict.ALIVE if now - since < timedelta(seconds=grace_seconds) else Verdict.GONE
+    if state in FINISHED_RUN:
+        return Verdict.GONE
+    if run is not None and view.flow_run_id is not None:
+        return Verdict.GONE  # a run was made, and the server no longer knows it
+    if eager:
+        return Verdict.GONE
+    return Verdict.ALIVE if recent else Verdict.GONE  # no run (yet, or any more)
+
+
+def read_run(flow_run_id: str | None) -> RunInfo | None:
+    """The run's state from the Prefect server; ``RunInfo(None, None)`` if it has none."""
+    if flow_run_id is None:
+        return RunInfo(None, None)
+    from prefect.client.orchestration import get_client
+    from prefect.exceptions import ObjectNotFound
+
+    with get_client(sync_client=True) as client:
+        try:
+            state = client.read_flow_run(flow_run_id).state
+        except ObjectNotFound:
+            return RunInfo(None, None)
+    if state is None:
+        return RunInfo(None, None)
+    return RunInfo(state.type, state.timestamp)
+
+
+def render_key(job_id: str, weights_sha256: str | None, generation: int) -> str:
+    """Idempotency key of a job's render run: its pin and its dispatch generation."""
+    return f"{job_id}:{(weights_sha256 or 'configured')[:12]}:g{generation}"
+
+
+def settle(
+    svc: Services,
+    job_ids: list[str] | None,
+    *,
+    actor: str,
+    batch_name: str | None = None,
+    output_dir: str | None = None,
+    eager: bool = False,
+) -> list[Outcome]:
+    """Judge each waiting job (all of them when ``job_ids`` is None) and act on the verdict,
+    in order of priority, then age. ``eager``: see ``judge``."""
+    inline = svc.settings.dispatch == "inline"
+    with svc.sessions() as session:
+        views = waiting_jobs(session=session)
+    if job_ids is not None:
+        wanted = set(job_ids)
+        views = [v for v in views if v.job_id in wanted]
+    outcomes = []
+    for view in views:
+        if view.lease_live and dead_local_owner(view.lease_owner or ""):
+            view = replace(view, lease_live=False)  # a killed render on this host
+        run = None if inline else read_run(view.flow_run_id)
+        verdict = judge(
+            view,
+            run,
+            now=utcnow(),
+            grace_seconds=svc.settings.sweep_grace_seconds,
+            eager=eager,
+        )
+        if verdict is Verdict.ALIVE:
+            holder = f"rendered by {view.lease_owner}" if view.lease_live else "waiting for a run"
+            outcomes.append(Outcome(view.job_id, "alive", view.flow_run_id, holder))
+        elif verdict is Verdict.CANCELLED:
+            outcomes.append(_cancel(svc, view, actor))
+        else:
+            outcomes.append(_redispatch(svc, view, actor, batch_name, output_dir))
+    return outcomes
+
+
+def _cancel(svc: Services, view: DispatchView, actor: str) -> Outcome:
+    """The job's run was cancelled in Prefect: so is the job (never retried by nightly)."""
+    with svc.sessions() as session:
+        try:
+            transition_job(
+                session=session,
+                job_id=view.job_id,
+                to=JobStatus.CANCELLED,
+                actor=actor,
+                reason="its render run was cancelled in Prefect",
+            )
+        except JobStateError as error:  # it moved on meanwhile (finished, or taken)
+            return Outcome(view.job_id, "alive", view.flow_run_id, str(error))
+    return Outcome(view.job_id, "cancelled", view.flow_run_id, "its run was cancelled")
+
+
+def _redispatch(
+    svc: Services, view: DispatchView, actor: str, batch_name: str | None, output_dir: str | None
+) -> Outcome:
+    """A job whose render is gone: mark a crashed run failed and requeue it (attempts
+    permitting), then dispatch it under the next generation."""
+    crashed = view.status is JobStatus.RUNNING
+    if crashed:
+        with svc.sessions() as session:
+            if not fail_crashed_job(session=session, job_id=view.job_id, actor=actor):
+                return Outcome(view.job_id, "alive", view.flow_run_id, "its render came back")
+        with svc.sessions() as session:
+            try:
+                requeue_job(session=session, job_id=view.job_id, actor=actor, reason="crashed run")
+            except JobStateError as error:  # attempts used up: it stays failed
+                return Outcome(view.job_id, "exhausted", view.flow_run_id, str(error), True)
+    with svc.sessions() as session:
+        generation = begin_dispatch(
+            session=session,
+            job_id=view.job_id,
+            generation=view.generation,
+            actor=actor,
+            reason="its render run is gone" if view.dispatched_at else "first dispatch",
+        )
+        job = get_job(session=session, job_id=view.job_id)
+        weights, name = job.weights_sha256, batch_name or job.batch.name
+        output = _output_path(job.name, job.params, output_dir)
+    if generation is None:
+        return Outcome(view.job_id, "alive", None, "dispatched by another sweep or submit")
+    fault_point("dispatch.claimed")
+    if svc.settings.dispatch == "inline":
+        return replace(_render_here(view.job_id, name, output), crashed=crashed)
+    from prefect.deployments import run_deployment
+
+    run = run_deployment(
+        svc.settings.render_deployment,
+        parameters={"job_id": view.job_id, "output": output},
+        idempotency_key=render_key(view.job_id, weights, generation),
+        timeout=0,
+        tags=[f"batch:{name}"],
+    )
+    with svc.sessions() as session:
+        record_run(
+            session=session, job_id=view.job_id, generation=generation, flow_run_id=str(run.id)
+        )
+    return Outcome(view.job_id, "dispatched", str(run.id), f"generation {generation}", crashed)
+
+
+def _render_here(job_id: str, batch_name: str, output: str | None) -> Outcome:
+    """Inline: render the job as a subflow of this run (one job's failure is not the batch's)."""
+    from flows.render_track import render_track
+
+    try:
+        with tags(f"batch:{batch_name}"):
+            result: dict[str, Any] = render_track(job_id=job_id, output=output)
+    except Exception as error:  # noqa: BLE001 (recorded on the job; the others go on)
+        log.error("job %s failed: %s", job_id, error)
+        return Outcome(job_id, "rendered", None, f"failed: {error}")
+    return Outcome(job_id, "rendered", None, result["status"])
+
+
+def _output_path(name: str, params: dict[str, Any], output_dir: str | None) -> str | None:
+    """Where a batch's job publishes its video when the submit asked for a folder."""
+    if output_dir is None:
+        return None
+    suffix = {"mov": ".mov", "png": ""}.get(params.get("format", "mp4"), ".mp4")
+    return str(Path(output_dir) / f"{name}{suffix}")
