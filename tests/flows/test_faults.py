@@ -1,0 +1,212 @@
+"""Faults a render rides out or reports truthfully: a SIGTERM (a drain, an eviction) requeues
+the job with its attempt given back; a cancel from Prefect cancels it for good; database
+connections dropped and a store outage longer than the store's own retries are retried in
+place. Each fault is made to happen: a real signal, real connections terminated by the
+PostgreSQL server, the real S3 server stopped."""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from sqlalchemy import create_engine, func, select, text
+from sqlalchemy.engine import make_url
+
+from db.engine import make_engine, session_factory
+from db.events import job_events
+from db.models import Job, JobStatus, Lease, Segment, SegmentStatus
+from flows.render_track import render_track
+from flows.submit_batch import submit_batch
+from flows.sweep import sweep
+from tests.flows.conftest import (
+    Studio,
+    clear_caches,
+    environment,
+    make_studio,
+    manifest,
+)
+from tests.services import WeedServer
+
+
+def _render_process(studio: Studio, api: str, job_id: str) -> subprocess.Popen:
+    """render-track for one job in a process of its own, as a worker starts it."""
+    code = f"from flows.render_track import render_track; render_track(job_id={job_id!r})"
+    return subprocess.Popen(
+        [sys.executable, "-c", code],
+        env=environment(studio, api),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+
+
+def _wait_for_steps(studio: Studio, job_id: str, process: subprocess.Popen) -> None:
+    """Until the render holds the job and has reported a denoising step through its lease."""
+    sessions = session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))
+    deadline = time.monotonic() + 240
+    while True:
+        assert process.poll() is None, process.stdout.read()
+        assert time.monotonic() < deadline, "the render never took a step"
+        with sessions() as session:
+            lease = session.get(Lease, job_id)
+            if lease is not None and lease.progress_at is not None and lease.gpu_since:
+                return
+        time.sleep(0.2)
+
+
+def _job(studio: Studio, job_id: str) -> tuple[Job, list[str], bool]:
+    """The job, the reasons of its status events, and whether a lease row is left."""
+    with session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))() as session:
+        job = session.get(Job, job_id)
+        reasons = [e.reason or "" for e in job_events(session=session, job_id=job_id)]
+        leased = session.get(Lease, job_id) is not None
+        session.expunge(job)
+    return job, reasons, leased
+
+
+def test_a_sigterm_requeues_the_job_and_gives_its_attempt_back(
+    studio: Studio, prefect_server: str, tmp_path: Path
+) -> None:
+    # One segment of 3 s (7 clips) at 40 steps: long enough to be stopped inside it.
+    path = manifest(tmp_path / "drain.yaml", studio, ["drain"], steps=40, segment_seconds=10)
+    job_id = submit_batch(manifest=str(path), render=False)["jobs"]["drain"]
+    process = _render_process(studio, prefect_server, job_id)
+    _wait_for_steps(studio, job_id, process)
+    process.send_signal(signal.SIGTERM)  # a node drain: no cancel in Prefect
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode != 0, output
+
+    job, reasons, leased = _job(studio, job_id)
+    assert (job.status, job.attempt) == (JobStatus.QUEUED, 0), output[-3000:]
+    assert any("stopped by SIGTERM" in r for r in reasons)
+    assert not leased  # lease and GPU slot released on the way out
+    done = render_track(job_id=job_id)  # the next dispatch renders it, as attempt 1
+    assert done["status"] == "succeeded"
+    assert _job(studio, job_id)[0].attempt == 1
+
+
+def test_a_cancel_from_prefect_cancels_the_job_for_good(
+    studio: Studio, prefect_server: str, tmp_path: Path
+) -> None:
+    """What the UI's Cancel does to a running render: the run goes to Cancelling, and its
+    worker sends the process a SIGTERM."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import FlowRunFilter, FlowRunFilterParentTaskRunId
+    from prefect.states import Cancelling
+
+    path = manifest(tmp_path / "ui.yaml", studio, ["ui"], steps=40, segment_seconds=10)
+    job_id = submit_batch(manifest=str(path), render=False)["jobs"]["ui"]
+    process = _render_process(studio, prefect_server, job_id)
+    _wait_for_steps(studio, job_id, process)
+    with get_client(sync_client=True) as client:
+        runs = client.read_flow_runs(
+            flow_run_filter=FlowRunFilter(
+                parent_task_run_id=FlowRunFilterParentTaskRunId(is_null_=True)
+            )
+        )
+        (run,) = [r for r in runs if r.parameters.get("job_id") == job_id]
+        client.set_flow_run_state(run.id, Cancelling(message="cancelled in the UI"), force=True)
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+
+    job, reasons, leased = _job(studio, job_id)
+    assert (job.status, job.attempt) == (JobStatus.CANCELLED, 1), output[-3000:]
+    assert any("cancelled in Prefect" in r for r in reasons) and not leased
+    assert sweep(retry_failed=True)["retried"] == {}  # nightly never renders it again
+    assert _job(studio, job_id)[0].status is JobStatus.CANCELLED
+
+
+def _database_outage(url: str, seconds: float) -> int:
+    """Refuse every connection to the test's database for ``seconds`` and end the open ones,
+    as a PostgreSQL restart or failover does to its clients; the number of connections ended."""
+    database = make_url(url).database
+    admin = create_engine(make_url(url).set(database="postgres"), isolation_level="AUTOCOMMIT")
+    try:
+        with admin.connect() as connection:
+            connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS false'))
+            ended = connection.execute(
+                text(
+                    "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity "
+                    "WHERE datname = :name AND pid <> pg_backend_pid()"
+                ),
+                {"name": database},
+            ).scalar_one()
+            time.sleep(seconds)
+            connection.execute(text(f'ALTER DATABASE "{database}" ALLOW_CONNECTIONS true'))
+        return ended
+    finally:
+        admin.dispose()
+
+
+def _done(url: str) -> int:
+    with session_factory(make_engine(url))() as session:
+        query = select(func.count()).select_from(Segment)
+        return session.scalar(query.where(Segment.status == SegmentStatus.DONE)) or 0
+
+
+def test_a_database_outage_is_ridden_out_in_place(
+    studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """12 s without the database, longer than a connection's own retries (about 7.5 s) and
+    shorter than the lease (30 s here): the render waits, then goes on."""
+    monkeypatch.setenv("EMO_LEASE_SECONDS", "30")
+    clear_caches()
+    url = studio.env["EMO_DATABASE_URL"]
+    path = manifest(tmp_path / "db.yaml", studio, ["blip"], steps=6)
+    job_id = submit_batch(manifest=str(path), render=False)["jobs"]["blip"]
+    ended: list[int] = []
+
+    def outage() -> None:
+        while _done(url) < 1:
+            time.sleep(0.05)
+        ended.append(_database_outage(url, 12.0))
+
+    thread = threading.Thread(target=outage)
+    thread.start()
+    try:
+        outcome = render_track(job_id=job_id)
+    finally:
+        thread.join(60)
+    assert ended and ended[0] > 0  # the render's connections were really ended
+    assert outcome["status"] == "succeeded" and outcome["rendered"] == outcome["segments"]
+    job, _, _ = _job(studio, job_id)
+    assert (job.status, job.attempt) == (JobStatus.SUCCEEDED, 1)
+
+
+def test_a_store_outage_longer_than_its_retries_is_ridden_out(
+    prefect_server: str, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    server = WeedServer(tmp_path / "weed")
+    server.start()
+    try:
+        studio = make_studio(tmp_path, pg_url, server, monkeypatch, seconds=4.0)
+        monkeypatch.setenv("EMO_STORE_RETRIES", "1")  # the store alone gives up in 0.5 s
+        clear_caches()
+        path = manifest(tmp_path / "s3.yaml", studio, ["outage"], steps=6)
+        job_id = submit_batch(manifest=str(path), render=False)["jobs"]["outage"]
+        restarted = threading.Event()
+
+        def outage() -> None:
+            while _done(pg_url) < 1:
+                time.sleep(0.05)
+            server.stop()
+            time.sleep(8.0)
+            server.start(wait=False)
+            restarted.set()
+
+        thread = threading.Thread(target=outage)
+        thread.start()
+        outcome = render_track(job_id=job_id)
+        thread.join(timeout=120)
+        assert restarted.is_set()
+        assert outcome["status"] == "succeeded" and outcome["rendered"] == outcome["segments"]
+        job, _, _ = _job(studio, job_id)
+        assert (job.status, job.attempt) == (JobStatus.SUCCEEDED, 1)
+    finally:
+        server.stop()
+        clear_caches()
