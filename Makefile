@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench services clean demo-model
+.PHONY: demo test lint bench services clean demo-model chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -38,6 +38,11 @@ bench: $(STAMP) services
 	$(BIN)/python bench/model.py
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/train.py
+
+# Fault injection on a farm of real parts (bench/chaos.py; the README's "Under faults").
+SEED ?= 1
+chaos: $(STAMP) services
+	$(BIN)/python bench/chaos.py --seed $(SEED) --json chaos-$(SEED).json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

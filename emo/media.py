@@ -470,6 +470,18 @@ def packet_listing(path: Path | str) -> PacketListing:
     return PacketListing(headers=headers, rows=rows, stderr=stderr)
 
 
+def frame_md5s(video: Path | str) -> list[str]:
+    """The md5 of every decoded video frame (ffmpeg's framemd5 muxer): two videos with equal
+    lists show the same pixels, whatever their containers or timestamps."""
+    done = subprocess.run(
+        [ffmpeg_exe(), "-v", "error", "-i", str(video), "-map", "0:v", "-f", "framemd5", "-"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return [line.rsplit(",", 1)[1].strip() for line in done.stdout.splitlines() if line[:1] != "#"]
+
+
 def probe(path: Path | str) -> MediaInfo:
     """Streams, packet counts and durations of ``path``."""
     listing = packet_listing(path)

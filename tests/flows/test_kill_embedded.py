@@ -25,7 +25,7 @@ from sqlalchemy import select
 
 from db.engine import make_engine, session_factory
 from db.models import Event, Job, JobStatus, Segment
-from emo.media import ffmpeg_exe
+from emo.media import frame_md5s
 from flows.submit_batch import submit_batch
 from tests.conftest import run_emo, write_wav
 from tests.flows.conftest import ASSETS, clear_caches, speech
@@ -36,17 +36,6 @@ RENDER_FLAGS = ["--steps", "4", "--segment-seconds", "1", "--face-box", "0.2,0.1
 RESUME_LIMIT = 240.0  # seconds a resumed render may take, ephemeral server start included
 TAKEOVER_LIMIT = timedelta(seconds=5)  # from taking the job over to holding its GPU slot
 ORPHAN_LIMIT = 15.0  # seconds a killed command's ephemeral Prefect server may outlive it
-
-
-def frame_md5s(video: Path) -> list[str]:
-    """The md5 of every decoded video frame (ffmpeg's framemd5 muxer)."""
-    done = subprocess.run(
-        [ffmpeg_exe(), "-v", "error", "-i", str(video), "-map", "0:v", "-f", "framemd5", "-"],
-        capture_output=True,
-        text=True,
-        check=True,
-    )
-    return [line.rsplit(",", 1)[1].strip() for line in done.stdout.splitlines() if line[:1] != "#"]
 
 
 def _manifest(path: Path, track: Path, seeds: dict[str, int]) -> Path:
