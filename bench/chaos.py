@@ -264,9 +264,8 @@ def check(run: Run, manifest: Path, names: dict[str, str]) -> dict[str, Any]:
     from sqlalchemy import func, select
 
     from db.events import job_events
-    from db.gpu_slots import gpu_slot_holders
-    from db.models import Batch, JobStatus
-    from flows.context import dead_local_owner, services
+    from db.models import Batch, JobStatus, Lease
+    from flows.context import services
 
     svc = services()
     table = jobs_table()
@@ -302,7 +301,8 @@ def check(run: Run, manifest: Path, names: dict[str, str]) -> dict[str, Any]:
             has_sidecar = store.exists(key.rsplit("/", 1)[0] + "/sidecar.json")
             same = frame_md5s(local) == expected.get(job.name)
             (identical if same and has_sidecar else differing).append(job.name)
-        slots = gpu_slot_holders(session=session, is_dead=dead_local_owner)
+        # Raw lease rows still marking a GPU slot, live or not: at rest there must be none.
+        slots = list(session.scalars(select(Lease.job_id).where(Lease.gpu_since.is_not(None))))
         batches = session.scalar(select(func.count()).select_from(Batch))
     inbox = [i.key for i in store.list("inbox/")]
     processed = [i.key for i in store.list("processed/") if i.key.endswith("chaos.yaml")]

@@ -103,6 +103,7 @@ class PrefectServer:
     database_url: str
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
+    lease_storage: str = "prefect.server.concurrency.lease_storage.filesystem"
 
     @property
     def api(self) -> str:
@@ -118,6 +119,8 @@ class PrefectServer:
             "PREFECT_API_DATABASE_CONNECTION_URL": self.database_url,
             "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
             "PREFECT_UI_ENABLED": "false",
+            # Concurrency leases on disk (PREFECT_HOME), so a restart keeps them (README).
+            "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": self.lease_storage,
         }
         log = open(self.home / "server.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.process = subprocess.Popen(

@@ -35,13 +35,14 @@ class DispatchView:
     created_at: datetime
     lease_owner: str | None
     lease_live: bool  # a lease that has not expired: someone renders (or waits for a slot)
+    batch_run_id: str | None = None  # the submit-batch run that submitted the batch
 
 
 def waiting_jobs(*, session: Session, now: datetime | None = None) -> list[DispatchView]:
     """Every queued or running job with its latest dispatch and its lease, oldest first."""
     now = now or utcnow()
     rows = session.execute(
-        select(Job, Batch.name, Lease.owner, Lease.expires_at)
+        select(Job, Batch.name, Lease.owner, Lease.expires_at, Batch.submit_run_id)
         .join(Batch, Batch.id == Job.batch_id)
         .outerjoin(Lease, Lease.job_id == Job.id)
         .where(Job.status.in_(WAITING))
@@ -58,8 +59,9 @@ def waiting_jobs(*, session: Session, now: datetime | None = None) -> list[Dispa
             created_at=job.created_at,
             lease_owner=owner,
             lease_live=expires is not None and expires > now,
+            batch_run_id=batch_run,
         )
-        for job, batch, owner, expires in rows
+        for job, batch, owner, expires, batch_run in rows
     ]
 
 
@@ -98,6 +100,12 @@ def begin_dispatch(
     )
     session.commit()
     return job.dispatch_generation
+
+
+def record_submit_run(*, session: Session, batch_id: str, flow_run_id: str) -> None:
+    """Note the submit-batch deployment run that submitted the batch (the latest one counts)."""
+    session.execute(update(Batch).where(Batch.id == batch_id).values(submit_run_id=flow_run_id))
+    session.commit()
 
 
 def record_run(*, session: Session, job_id: str, generation: int, flow_run_id: str) -> bool:

@@ -103,9 +103,15 @@ def transition_job(
 
 
 def requeue_job(*, session: Session, job_id: str, actor: str, reason: str) -> Job:
-    """failed -> queued, refused once the job has used ``max_attempts`` attempts."""
+    """failed -> queued, refused once the job has used ``max_attempts`` attempts, and for a
+    job in any other state (a running one is stopped only by its render, ``stop_job``)."""
     job = get_job(session=session, job_id=job_id, lock=True)
-    if job.status is JobStatus.FAILED and job.attempt >= job.max_attempts:
+    if job.status is not JobStatus.FAILED:
+        session.rollback()
+        raise JobStateError(
+            f"job {job.name!r} ({job.id}) is {job.status.value}; only a failed job is requeued"
+        )
+    if job.attempt >= job.max_attempts:
         session.rollback()
         raise JobStateError(
             f"job {job.name!r} ({job.id}) has used {job.attempt} of {job.max_attempts} "

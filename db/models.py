@@ -114,6 +114,8 @@ class Batch(Base):
     name: Mapped[str] = mapped_column(String(200))
     manifest_sha256: Mapped[str] = mapped_column(String(64), unique=True)
     submitted_by: Mapped[str] = mapped_column(String(200))
+    # The submit-batch deployment run that last submitted it (cancelling it cancels the batch).
+    submit_run_id: Mapped[str | None] = mapped_column(String(36), default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", order_by="Job.created_at")

@@ -3,15 +3,19 @@
 A queued or running job is in one of three conditions, judged from the job database (its lease)
 and the Prefect server (the render run of its latest dispatch):
 
+- **cancelled**: its run, or the submit-batch run that submitted its batch, was cancelled in
+  Prefect (the UI's Cancel) without the render getting to say so (checked first: a render
+  still holding the job stops at its next heartbeat once the job is marked cancelled);
 - **alive**: someone renders it (a live lease), or its run waits for a worker or a GPU pool
-  slot (scheduled, paused), or was dispatched moments ago;
-- **cancelled**: its run was cancelled in Prefect (the UI's Cancel on the run or on its batch)
-  without the render getting to say so: the job is marked cancelled;
-- **gone**: its run crashed, failed or completed without finishing the job, was never
-  started, or Prefect no longer knows it. A running job is first marked failed as crashed
-  (its lease revoked, the crash counted as an attempt) and requeued while attempts are left;
-  then the job is dispatched again under the next dispatch generation, so its new run has a
-  new idempotency key.
+  slot (scheduled, paused), or started moments ago (pending: a pod being scheduled or an
+  image pulled, for ten times the grace);
+- **gone**: its run crashed, failed or completed without finishing the job, never started,
+  or Prefect no longer knows it. A running job is first marked failed as crashed (its lease
+  revoked, the crash counted as an attempt) and requeued while attempts are left; then the
+  job is dispatched again under the next dispatch generation, so its new run has a new
+  idempotency key. A dispatch whose run was never recorded (its dispatcher died inside
+  ``run_deployment``) is issued again under the same generation: the same key gets the same
+  run back if it was made.
 
 Submitting a batch again and the sweep (nightly, ``emo sweep``) both go through ``settle``.
 Inline (no deployments), a job is rendered here instead, in this process.
@@ -39,7 +43,7 @@ from flows.context import Services, dead_local_owner
 log = logging.getLogger(__name__)
 
 FINISHED_RUN = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED)
-STARTED_RUN = (StateType.PENDING, StateType.RUNNING)
+PENDING_GRACE_FACTOR = 10  # a pending run (a pod scheduled, an image pulled) may take longer
 
 
 class Verdict(StrEnum):
@@ -74,33 +78,40 @@ def judge(
     now: datetime,
     grace_seconds: float,
     eager: bool = False,
+    batch_run: RunInfo | None = None,
 ) -> Verdict:
     """Alive, gone or cancelled (see the module's docstring). ``run`` is None inline, where
     renders have no run of their own to ask about. A job with no run to ask about that was
-    dispatched less than ``grace_seconds`` ago (or made then) is left to its dispatcher, unless
-    ``eager`` (a user's submit or render: dispatch it now)."""
-    if view.lease_live:
-        return Verdict.ALIVE
-    recent = now - (view.dispatched_at or view.created_at) < timedelta(seconds=grace_seconds)
+    was never dispatched, or (inline) dispatched less than ``grace_seconds`` ago, is left to its
+    dispatcher unless ``eager`` (a user's submit or render: dispatch it now)."""
+    grace = timedelta(seconds=grace_seconds)
+    if batch_run is not None and batch_run.state in (StateType.CANCELLED, StateType.CANCELLING):
+        return Verdict.CANCELLED  # the batch was cancelled
     state = run.state if run is not None else None
     if state in (StateType.CANCELLED, StateType.CANCELLING):
-        stale = run.since is None or now - run.since >= timedelta(seconds=grace_seconds)
+        stale = run.since is None or now - run.since >= grace
         if state is StateType.CANCELLED or stale:
             return Verdict.CANCELLED
         return Verdict.ALIVE  # the render is stopping and will say so itself
+    if view.lease_live:
+        return Verdict.ALIVE
     if view.status is JobStatus.RUNNING:
         return Verdict.GONE  # running with no live lease: its render died
     if state in (StateType.SCHEDULED, StateType.PAUSED):
         return Verdict.ALIVE  # waiting for a worker, or for the deployment's concurrency
-    if state in STARTED_RUN:
+    if state in (StateType.PENDING, StateType.RUNNING):
         since = run.since or view.dispatched_at or view.created_at
-        return Verdict.ALIVE if now - since < timedelta(seconds=grace_seconds) else Verdict.GONE
+        limit = grace * PENDING_GRACE_FACTOR if state is StateType.PENDING else grace
+        return Verdict.ALIVE if now - since < limit else Verdict.GONE
     if state in FINISHED_RUN:
         return Verdict.GONE
-    if run is not None and view.flow_run_id is not None:
-        return Verdict.GONE  # a run was made, and the server no longer knows it
-    if eager:
+    if run is not None and view.dispatched_at is not None:
+        # A run was made and the server no longer knows it, or its dispatcher died before
+        # recording it (issued again under the same key: idempotent).
         return Verdict.GONE
+    if eager and (run is None or view.dispatched_at is None):
+        return Verdict.GONE
+    recent = now - (view.dispatched_at or view.created_at) < grace
     return Verdict.ALIVE if recent else Verdict.GONE  # no run (yet, or any more)
 
 
@@ -134,9 +145,12 @@ def settle(
     batch_name: str | None = None,
     output_dir: str | None = None,
     eager: bool = False,
+    linked: bool = False,
 ) -> list[Outcome]:
     """Judge each waiting job (all of them when ``job_ids`` is None) and act on the verdict,
-    in order of priority, then age. ``eager``: see ``judge``."""
+    in order of priority, then age. ``eager``: see ``judge``. ``linked``: new render runs are
+    children of the calling flow run (submit-batch: a Cancel of the batch reaches them); a
+    sweep's or nightly's are not, so cancelling those cancels no render."""
     inline = svc.settings.dispatch == "inline"
     with svc.sessions() as session:
         views = waiting_jobs(session=session)
@@ -144,16 +158,20 @@ def settle(
         wanted = set(job_ids)
         views = [v for v in views if v.job_id in wanted]
     outcomes = []
+    batch_runs: dict[str, RunInfo | None] = {}
     for view in views:
         if view.lease_live and dead_local_owner(view.lease_owner or ""):
             view = replace(view, lease_live=False)  # a killed render on this host
         run = None if inline else read_run(view.flow_run_id)
+        if not inline and view.batch_run_id and view.batch_run_id not in batch_runs:
+            batch_runs[view.batch_run_id] = read_run(view.batch_run_id)
         verdict = judge(
             view,
             run,
             now=utcnow(),
             grace_seconds=svc.settings.sweep_grace_seconds,
             eager=eager,
+            batch_run=batch_runs.get(view.batch_run_id or ""),
         )
         if verdict is Verdict.ALIVE:
             holder = f"rendered by {view.lease_owner}" if view.lease_live else "waiting for a run"
@@ -161,12 +179,13 @@ def settle(
         elif verdict is Verdict.CANCELLED:
             outcomes.append(_cancel(svc, view, actor))
         else:
-            outcomes.append(_redispatch(svc, view, actor, batch_name, output_dir))
+            outcomes.append(_redispatch(svc, view, actor, batch_name, output_dir, linked))
     return outcomes
 
 
 def _cancel(svc: Services, view: DispatchView, actor: str) -> Outcome:
-    """The job's run was cancelled in Prefect: so is the job (never retried by nightly)."""
+    """The job's run (or its batch's) was cancelled in Prefect: so is the job (never retried
+    by nightly). A render still holding it stops at its next heartbeat."""
     with svc.sessions() as session:
         try:
             transition_job(
@@ -182,7 +201,12 @@ def _cancel(svc: Services, view: DispatchView, actor: str) -> Outcome:
 
 
 def _redispatch(
-    svc: Services, view: DispatchView, actor: str, batch_name: str | None, output_dir: str | None
+    svc: Services,
+    view: DispatchView,
+    actor: str,
+    batch_name: str | None,
+    output_dir: str | None,
+    linked: bool,
 ) -> Outcome:
     """A job whose render is gone: mark a crashed run failed and requeue it (attempts
     permitting), then dispatch it under the next generation."""
@@ -196,13 +220,20 @@ def _redispatch(
                 requeue_job(session=session, job_id=view.job_id, actor=actor, reason="crashed run")
             except JobStateError as error:  # attempts used up: it stays failed
                 return Outcome(view.job_id, "exhausted", view.flow_run_id, str(error), True)
+    inline = svc.settings.dispatch == "inline"
+    # A dispatch whose run was never recorded is issued again under its own generation.
+    reissue = not (inline or crashed) and view.dispatched_at is not None and not view.flow_run_id
     with svc.sessions() as session:
-        generation = begin_dispatch(
-            session=session,
-            job_id=view.job_id,
-            generation=view.generation,
-            actor=actor,
-            reason="its render run is gone" if view.dispatched_at else "first dispatch",
+        generation = (
+            view.generation
+            if reissue
+            else begin_dispatch(
+                session=session,
+                job_id=view.job_id,
+                generation=view.generation,
+                actor=actor,
+                reason="its render run is gone" if view.dispatched_at else "first dispatch",
+            )
         )
         job = get_job(session=session, job_id=view.job_id)
         weights, name = job.weights_sha256, batch_name or job.batch.name
@@ -210,7 +241,7 @@ def _redispatch(
     if generation is None:
         return Outcome(view.job_id, "alive", None, "dispatched by another sweep or submit")
     fault_point("dispatch.claimed")
-    if svc.settings.dispatch == "inline":
+    if inline:
         return replace(_render_here(view.job_id, name, output), crashed=crashed)
     from prefect.deployments import run_deployment
 
@@ -220,6 +251,7 @@ def _redispatch(
         idempotency_key=render_key(view.job_id, weights, generation),
         timeout=0,
         tags=[f"batch:{name}"],
+        as_subflow=linked,
     )
     with svc.sessions() as session:
         record_run(

@@ -21,7 +21,7 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
-from emo.errors import EmoError
+from emo.errors import EmoError, StoreAuthError, StoreUnavailable
 from emo.faults import fault_point
 from flows.context import Services, services
 from flows.dispatch import settle
@@ -69,6 +69,10 @@ def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
         name = source.rsplit("/", 1)[-1]
         try:  # one manifest at a time, whatever the others do
             batch = submit_batch(manifest=svc.store.uri(source), base=base, render=False)
+        except (StoreUnavailable, StoreAuthError) as error:  # the store's fault: try again
+            log.error("nightly: manifest %s stays in the inbox: %s", source, error)
+            result["rejected"].append({"manifest": source, "error": f"will retry: {error}"})
+            continue
         except EmoError as error:
             digest = hashlib.sha256(svc.store.get_bytes(source)).hexdigest()[:16]
             file_manifest(svc, source, f"rejected/{digest}/{name}", note=str(error))

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import time
 from dataclasses import dataclass
 from functools import partial
@@ -39,7 +40,7 @@ from db.jobs import begin_run, fail_job, finish_job, get_job, job_status, stop_j
 from db.models import JobStatus
 from db.segments import list_segments, record_segment_done, store_plan
 from emo import media, progress
-from emo.errors import EmoError, EpochSuperseded, MediaError, SettingsError
+from emo.errors import EmoError, EpochSuperseded, JobStateError, MediaError, SettingsError
 from emo.eval.qc import qc_report
 from emo.models.config import EMOConfig
 from emo.pipeline import EMOPipeline, MotionState
@@ -65,7 +66,7 @@ from emo.store.checkpoint import (
     read_segment_checkpoint,
     write_segment_checkpoint,
 )
-from flows.context import JobCancelled, JobLease, Services, services
+from flows.context import JobCancelled, JobLease, LeaseHeld, Services, services
 from flows.gpu_slot import GpuSlot
 from flows.retry import in_place
 from flows.versions import software_versions
@@ -522,22 +523,12 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
     """Render one job; safe to run again (it resumes from the last verified segment)."""
     svc = services()
     started = time.perf_counter()
-    with JobLease(svc, job_id) as lease:
-        with svc.sessions() as session:
-            if job_status(session=session, job_id=job_id) is JobStatus.CANCELLED:
+    with JobLease(svc, job_id) as lease, _SigtermNoted() as sigterm:
+        try:
+            job = in_place(lambda: _begin(svc, lease, job_id), lease=lease, what="starting")
+            if job is None:
                 log.warning("job %s is cancelled; nothing to render", job_id)
                 return {"job_id": job_id, "status": JobStatus.CANCELLED.value}
-            row = begin_run(session=session, job_id=job_id, actor=lease.owner)
-            job = JobRecord(
-                job_id=job_id,
-                name=row.name,
-                batch_name=row.batch.name,
-                options=dict(row.params),
-                image_sha256=row.image_sha256,
-                audio_sha256=row.audio_sha256,
-                weights_sha256=row.weights_sha256,
-            )
-        try:
             return _render_job(svc, lease, job, output, started)
         except JobCancelled:
             log.warning("job %s cancelled; verified segments are kept", job_id)
@@ -545,18 +536,80 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
         except (TerminationSignal, KeyboardInterrupt) as stop:
             _stopped(svc, lease, job_id, stop)
             raise
-        except BaseException as error:
-            _mark_failed(svc, lease, job_id, error)
+        except LeaseHeld as lost:  # lapsed (database unreachable) or taken over: not a failure
+            _stopped(svc, lease, job_id, lost)
             raise
+        except BaseException as error:
+            if sigterm.received:  # a library turned the signal into its own error
+                _stopped(svc, lease, job_id, TerminationSignal(signal.SIGTERM))
+            else:
+                _mark_failed(svc, lease, job_id, error)
+            raise
+
+
+class _SigtermNoted:
+    """Notes whether a SIGTERM arrived, then lets the handler in place (Prefect's) act on it.
+
+    Prefect turns a SIGTERM into an exception in the main thread; a C extension running at
+    that moment (safetensors loading weights) may turn that into an error of its own, which
+    would read as a failure of the job's work. A render outside the main thread (tests) has no
+    signals to note."""
+
+    def __init__(self) -> None:
+        self.received = False
+        self._previous: Any = None
+
+    def __enter__(self) -> _SigtermNoted:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _note(self, number: int, frame: Any) -> None:
+        self.received = True
+        if callable(self._previous):
+            self._previous(number, frame)
+        elif self._previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+def _begin(svc: Services, lease: JobLease, job_id: str) -> JobRecord | None:
+    """Make the job running for this render (None: it was cancelled); what the job is."""
+    with svc.sessions() as session:
+        if job_status(session=session, job_id=job_id) is JobStatus.CANCELLED:
+            return None
+        row = begin_run(session=session, job_id=job_id, actor=lease.owner)
+        return JobRecord(
+            job_id=job_id,
+            name=row.name,
+            batch_name=row.batch.name,
+            options=dict(row.params),
+            image_sha256=row.image_sha256,
+            audio_sha256=row.audio_sha256,
+            weights_sha256=row.weights_sha256,
+        )
 
 
 def _stopped(svc: Services, lease: JobLease, job_id: str, stop: BaseException) -> None:
     """The render was told to stop (SIGTERM: a cancel from Prefect, a drain, an eviction, a
-    spot reclaim; or Ctrl-C). A cancel makes the job cancelled; anything else requeues it with
-    its attempt given back, since its own work did not fail. Fenced by the epoch like every
-    write; the lease (and the GPU slot on it) is released on the way out."""
+    spot reclaim; Ctrl-C), or lost its lease (it could not renew it while the database was
+    unreachable). A cancel makes the job cancelled; anything else requeues it with its attempt
+    given back, since its own work did not fail. Fenced by the epoch like every write (a render
+    that was taken over writes nothing); the lease and its GPU slot are released on the way
+    out. Nothing happens to a job that is not running (a stop before it started)."""
     cancel = isinstance(stop, TerminationSignal) and _cancel_requested()
-    what = "SIGTERM" if isinstance(stop, TerminationSignal) else "an interrupt (Ctrl-C)"
+    if isinstance(stop, LeaseHeld):
+        what = f"losing its lease ({stop})"
+    elif isinstance(stop, TerminationSignal):
+        what = "SIGTERM"
+    else:
+        what = "an interrupt (Ctrl-C)"
     to = JobStatus.CANCELLED if cancel else JobStatus.QUEUED
     reason = (
         "cancelled in Prefect; verified segments are kept"
@@ -650,7 +703,9 @@ class RenderedSegments:
 def _render_segments(svc: Services, lease: JobLease, job: JobRecord) -> RenderedSegments:
     """Load the model and inputs, then render (or resume) every segment in order."""
     job_id = job.job_id
-    pipeline = load_model(svc, job.weights_sha256)
+    pipeline = in_place(
+        lambda: load_model(svc, job.weights_sha256), lease=lease, what="loading the weights"
+    )
     lease.mark_progress()  # work done while holding the slot counts as progress to waiters
     config = pipeline.config
     params = resolve_params(
@@ -779,15 +834,21 @@ def _finish(
 
     def finish() -> None:
         with svc.sessions() as session:
-            finish_job(
-                session=session,
-                job_id=job_id,
-                epoch=lease.epoch,
-                output_uri=output_uri,
-                qc=qc,
-                actor=lease.owner,
-                reason=f"{rendered} segment(s) rendered this run",
-            )
+            try:
+                finish_job(
+                    session=session,
+                    job_id=job_id,
+                    epoch=lease.epoch,
+                    output_uri=output_uri,
+                    qc=qc,
+                    actor=lease.owner,
+                    reason=f"{rendered} segment(s) rendered this run",
+                )
+            except JobStateError:
+                # A retry after a commit whose answer was lost finds the job finished by us.
+                row = get_job(session=session, job_id=job_id)
+                if row.status is not JobStatus.SUCCEEDED or row.output_uri != output_uri:
+                    raise
 
     try:
         in_place(finish, lease=lease, what="finishing the job")

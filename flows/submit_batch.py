@@ -24,12 +24,14 @@ from urllib.parse import urlparse
 from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
+from prefect.runtime import deployment, flow_run
 from prefect.states import State
 
 from db.batches import JobSpec, find_batch, register_batch
+from db.dispatch import record_submit_run
 from db.models import Batch, Job, JobStatus
 from emo import media
-from emo.errors import EmoError, ObjectNotFound
+from emo.errors import EmoError, ObjectNotFound, StoreAuthError, StoreUnavailable
 from emo.manifest import Manifest, ManifestError, parse_manifest
 from emo.plan import frame_count
 from emo.render import (
@@ -112,6 +114,8 @@ def fetch_inputs(
                 fetch(uri, folder / kind / _name(uri), base_dir=Path(base), settings=svc.settings)
                 for kind, uri in (("image", image_uri), ("audio", audio_uri))
             )
+        except (StoreUnavailable, StoreAuthError):
+            raise  # the store is down or refuses us: not a problem of the manifest
         except EmoError as error:
             fetched.append(f"job {job.name!r} (row {row}): {error}")
             continue
@@ -313,7 +317,13 @@ def dispatch(
     """Render the jobs that need it (``flows.dispatch.settle``: a job already rendering or
     waiting for its run keeps it) and wait for their runs; job id -> how its run ended."""
     outcomes = settle(
-        svc, job_ids, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, eager=True
+        svc,
+        job_ids,
+        actor=ACTOR,
+        batch_name=batch_name,
+        output_dir=output_dir,
+        eager=True,
+        linked=True,
     )
     result = {}
     for outcome in outcomes:
@@ -378,6 +388,11 @@ def submit_batch(
 
     parsed, sha = parse_manifest(data, source=manifest)
     batch, created = _register(svc, parsed, sha, base, manifest)
+    if deployment.id is not None and flow_run.parent_flow_run_id is None:
+        # A submit-batch deployment run of its own (not nightly's): cancelling it in the UI
+        # cancels the batch, jobs the sweep dispatched again included.
+        with svc.sessions() as session:
+            record_submit_run(session=session, batch_id=batch.id, flow_run_id=str(flow_run.id))
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)
         todo = [

@@ -5,6 +5,8 @@ sweeps never dispatch one job twice); the render run's idempotency key carries i
 that died is never handed back again. ``jobs.flow_run_id`` is the Prefect flow run of the
 latest dispatch (None inline) and ``jobs.dispatched_at`` when it was made: the sweep asks
 Prefect about that run to tell a job that waits for a worker from one whose run is gone.
+``batches.submit_run_id`` is the submit-batch deployment run that last submitted the batch: a
+Cancel of it in the UI cancels the batch's jobs, re-dispatched ones included.
 
 Revision ID: 0006
 Revises: 0005
@@ -29,9 +31,13 @@ def upgrade() -> None:
         )
         batch.add_column(sa.Column("flow_run_id", sa.String(36), nullable=True))
         batch.add_column(sa.Column("dispatched_at", sa.DateTime(timezone=True), nullable=True))
+    with op.batch_alter_table("batches") as batch:
+        batch.add_column(sa.Column("submit_run_id", sa.String(36), nullable=True))
 
 
 def downgrade() -> None:
+    with op.batch_alter_table("batches") as batch:
+        batch.drop_column("submit_run_id")
     with op.batch_alter_table("jobs") as batch:
         batch.drop_column("dispatched_at")
         batch.drop_column("flow_run_id")

@@ -209,3 +209,15 @@ def test_a_superseded_epoch_can_neither_record_nor_finish(session) -> None:
     job = get_job(session=session, job_id=job_id)
     assert job.status is S.SUCCEEDED and job.output_uri == "s3://b/new.mp4"
     assert list_segments(session=session, job_id=job_id)[0].manifest_sha256 == "n" * 64
+
+
+def test_only_a_failed_job_is_requeued(session) -> None:
+    """A sweep that saw a job failed must not pull it back from a render that resumed it
+    meanwhile: requeue refuses a running job (only its render stops it, fenced)."""
+    batch, _ = _batch(session)
+    job_id = batch.jobs[0].id
+    transition_job(session=session, job_id=job_id, to=S.RUNNING, actor="render")
+    with pytest.raises(JobStateError, match="only a failed job is requeued"):
+        requeue_job(session=session, job_id=job_id, actor="sweep", reason="retry")
+    job = get_job(session=session, job_id=job_id)
+    assert (job.status, job.attempt) == (S.RUNNING, 1)

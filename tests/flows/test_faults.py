@@ -11,6 +11,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -210,3 +211,26 @@ def test_a_store_outage_longer_than_its_retries_is_ridden_out(
     finally:
         server.stop()
         clear_caches()
+
+
+def test_an_unreachable_store_is_not_a_bad_manifest(studio: Studio, tmp_path: Path) -> None:
+    """Inputs that cannot be fetched because the S3 server does not answer are a service
+    failure (nightly keeps the manifest for the next night), not a problem of the job."""
+    from emo.errors import StoreUnavailable
+    from emo.manifest import parse_manifest
+    from flows.context import services
+    from flows.submit_batch import fetch_inputs
+    from tests.services import free_port
+
+    svc = services()
+    closed = f"127.0.0.1:{free_port()}"  # nothing listens there
+    settings = svc.settings.model_copy(update={"s3_endpoint": closed, "store_retries": 0})
+    data = (
+        b"name: far\njobs:\n  - {name: a, image: s3://elsewhere/p.png, audio: s3://elsewhere/v.wav"
+        b", face_box: [0.2, 0.15, 0.8, 0.85]}\n"
+    )
+    parsed, _ = parse_manifest(data, source="far.yaml")
+    with pytest.raises(StoreUnavailable):
+        fetch_inputs.fn(
+            replace(svc, settings=settings), parsed, tmp_path / "scratch", str(tmp_path)
+        )

@@ -50,6 +50,13 @@ def _unrun(age: float = 3600) -> DispatchView:
     return replace(_view(age=age), flow_run_id=None)
 
 
+def _fresh(age: float = 10) -> DispatchView:
+    """A job registered ``age`` seconds ago and never dispatched."""
+    return replace(
+        _view(), flow_run_id=None, dispatched_at=None, created_at=NOW - timedelta(seconds=age)
+    )
+
+
 def _run(state: StateType | None, age: float = 3600) -> RunInfo:
     return RunInfo(state, NOW - timedelta(seconds=age) if state else None)
 
@@ -63,28 +70,45 @@ def _run(state: StateType | None, age: float = 3600) -> RunInfo:
         (_view(), _run(StateType.PENDING, age=10), False, Verdict.ALIVE),  # starting
         (_view(), _run(StateType.RUNNING, age=10), False, Verdict.ALIVE),
         (_view(), _run(StateType.RUNNING), False, Verdict.GONE),  # started long ago, no lease
+        (_view(), _run(StateType.PENDING, age=600), False, Verdict.ALIVE),  # a pod scheduled
         (_view(), _run(StateType.PENDING), False, Verdict.GONE),
         (_view(), _run(StateType.CRASHED), False, Verdict.GONE),
         (_view(), _run(StateType.FAILED), False, Verdict.GONE),
         (_view(), _run(StateType.COMPLETED), False, Verdict.GONE),
         (_view(), _run(None), False, Verdict.GONE),  # Prefect has no such run
         (_view(age=10), _run(None), False, Verdict.GONE),  # recent, but Prefect lost it
-        (_unrun(age=10), _run(None), False, Verdict.ALIVE),  # a submit is dispatching it
-        (_unrun(age=10), _run(None), True, Verdict.GONE),  # ... unless it is that submit
-        (_unrun(), _run(None), False, Verdict.GONE),  # a submit died before its dispatch
+        (_unrun(age=10), _run(None), False, Verdict.GONE),  # issued again under its key
+        (_fresh(), _run(None), False, Verdict.ALIVE),  # a submit is about to dispatch it
+        (_fresh(), _run(None), True, Verdict.GONE),  # ... unless it is that submit
+        (_fresh(age=3600), _run(None), False, Verdict.GONE),  # a submit died before it
         (_view(), _run(StateType.CANCELLED), False, Verdict.CANCELLED),
         (_view(), _run(StateType.CANCELLING, age=10), False, Verdict.ALIVE),  # stopping
         (_view(), _run(StateType.CANCELLING), False, Verdict.CANCELLED),
         (_view(JobStatus.RUNNING), _run(StateType.RUNNING, age=10), False, Verdict.GONE),
         (_view(JobStatus.RUNNING), _run(StateType.CANCELLED), False, Verdict.CANCELLED),
         (_view(JobStatus.RUNNING, live=True), _run(StateType.CRASHED), False, Verdict.ALIVE),
+        # A cancel the render never heard of (its worker dead): cancelled, lease or not.
+        (_view(JobStatus.RUNNING, live=True), _run(StateType.CANCELLED), False, Verdict.CANCELLED),
         (_view(), None, False, Verdict.GONE),  # inline: no run to ask, dispatched long ago
         (_view(age=10), None, False, Verdict.ALIVE),
-        (_view(age=10), None, True, Verdict.GONE),
+        (_view(age=10), None, True, Verdict.GONE),  # inline: a user's command renders now
     ],
 )
 def test_judge(view: DispatchView, run: RunInfo | None, eager: bool, verdict: Verdict) -> None:
     assert judge(view, run, now=NOW, grace_seconds=GRACE, eager=eager) is verdict
+
+
+def test_a_cancelled_batch_cancels_its_jobs_however_they_run() -> None:
+    for view in (_view(), _view(JobStatus.RUNNING, live=True), _fresh()):
+        for run in (_run(StateType.SCHEDULED), _run(StateType.RUNNING, age=10), _run(None)):
+            cancelled = _run(StateType.CANCELLED, age=1)
+            assert judge(view, run, now=NOW, grace_seconds=GRACE, batch_run=cancelled) is (
+                Verdict.CANCELLED
+            )
+            alive = _run(StateType.RUNNING, age=1)
+            assert judge(view, run, now=NOW, grace_seconds=GRACE, batch_run=alive) is judge(
+                view, run, now=NOW, grace_seconds=GRACE
+            )
 
 
 @pytest.fixture
@@ -153,13 +177,30 @@ def test_a_dead_run_is_never_handed_back(studio: Studio, deployed: str, tmp_path
     third = sweep()["runs"][job_id]
     assert third not in (first, second) and _job(studio, job_id).dispatch_generation == 3
 
-    # Two sweeps that saw the same generation: only one dispatches.
+    # A dispatcher that died inside run_deployment (generation taken, run never recorded): the
+    # sweep issues the same key again and gets the run that dispatcher made, not a second one.
     url = studio.env["EMO_DATABASE_URL"]
     with session_factory(make_engine(url))() as session:
-        assert begin_dispatch(session=session, job_id=job_id, generation=3, actor="a", reason="")
+        generation = begin_dispatch(
+            session=session, job_id=job_id, generation=3, actor="x", reason=""
+        )
+    from prefect.deployments import run_deployment
+
+    made = run_deployment(
+        deployed,
+        parameters={"job_id": job_id, "output": None},
+        idempotency_key=render_key(job_id, job.weights_sha256, generation),
+        timeout=0,
+    )
+    assert sweep()["runs"][job_id] == str(made.id)
+    assert _job(studio, job_id).dispatch_generation == generation == 4
+
+    # Two sweeps that saw the same generation: only one dispatches.
+    with session_factory(make_engine(url))() as session:
+        assert begin_dispatch(session=session, job_id=job_id, generation=4, actor="a", reason="")
     with session_factory(make_engine(url))() as session:
         assert (
-            begin_dispatch(session=session, job_id=job_id, generation=3, actor="b", reason="")
+            begin_dispatch(session=session, job_id=job_id, generation=4, actor="b", reason="")
             is None
         )
     assert _job(studio, job_id).attempt == 0  # no render ever started: no attempt used
@@ -213,3 +254,21 @@ def test_a_run_cancelled_in_prefect_cancels_its_job_for_good(
     assert _job(studio, drop).status is JobStatus.CANCELLED
     assert sweep(retry_failed=True)["retried"] == {}  # never retried
     assert dispatch(services(), "ui", [drop], None) == {}  # nor dispatched by a resubmit
+
+    # Cancel the batch (its submit-batch run) in the UI: its other job is cancelled too, even
+    # one being rendered (its render stops at its next heartbeat) or dispatched again.
+    from prefect.deployments import run_deployment
+
+    from db.dispatch import record_submit_run
+
+    submit_run = run_deployment(deployed, parameters={"job_id": keep, "output": None}, timeout=0)
+    url = studio.env["EMO_DATABASE_URL"]
+    with session_factory(make_engine(url))() as session:
+        record_submit_run(
+            session=session, batch_id=registered["batch_id"], flow_run_id=str(submit_run.id)
+        )
+        transition_job(session=session, job_id=keep, to=JobStatus.RUNNING, actor="gpu-pod")
+        acquire_lease(session=session, job_id=keep, owner="gpu-pod:2", ttl_seconds=3600)
+    _set_state(str(submit_run.id), Cancelled(message="batch cancelled in the UI"))
+    assert sweep()["cancelled"] == [keep]
+    assert _job(studio, keep).status is JobStatus.CANCELLED
