@@ -209,8 +209,13 @@ def _redispatch(
     linked: bool,
 ) -> Outcome:
     """A job whose render is gone: mark a crashed run failed and requeue it (attempts
-    permitting), then dispatch it under the next generation."""
-    crashed = view.status is JobStatus.RUNNING
+    permitting), then dispatch it under the next generation. Inline, a running job whose
+    holder was a process on this host that is gone is rendered here at once instead: the
+    render takes its lease over and resumes the job, as running the killed command again
+    does."""
+    inline = svc.settings.dispatch == "inline"
+    killed_here = inline and dead_local_owner(view.lease_owner or "")
+    crashed = view.status is JobStatus.RUNNING and not killed_here
     if crashed:
         with svc.sessions() as session:
             if not fail_crashed_job(session=session, job_id=view.job_id, actor=actor):
@@ -220,7 +225,6 @@ def _redispatch(
                 requeue_job(session=session, job_id=view.job_id, actor=actor, reason="crashed run")
             except JobStateError as error:  # attempts used up: it stays failed
                 return Outcome(view.job_id, "exhausted", view.flow_run_id, str(error), True)
-    inline = svc.settings.dispatch == "inline"
     # A dispatch whose run was never recorded is issued again under its own generation.
     reissue = not (inline or crashed) and view.dispatched_at is not None and not view.flow_run_id
     with svc.sessions() as session:
