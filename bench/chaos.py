@@ -9,7 +9,10 @@ middle (with the batch's manifest dropped in its inbox again), a cancel of one j
 sweep --retry-failed`, every few seconds) until the batch settles, and checks each job against
 a fault-free render of the same manifest (framemd5 of the decoded frames).
 
-    python bench/chaos.py [--seed N] [--jobs N] [--faults N] [--json FILE]
+    python bench/chaos.py [--seed N] [--jobs N] [--faults N] [--json FILE] [--keep]
+
+The farm's folder (/tmp/emo-chaos-<seed>-*: logs, databases, renders) is removed after a pass,
+kept after a failure or with --keep.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import argparse
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
@@ -333,8 +337,10 @@ def check(run: Run, manifest: Path, names: dict[str, str]) -> dict[str, Any]:
 
 def chaos(seed: int, jobs: int, faults: int, seconds: float, timeout: float) -> dict[str, Any]:
     rng = random.Random(seed)
+    # Under /tmp, not a private folder: the cluster's server runs as the postgres user.
     root = Path(tempfile.mkdtemp(prefix=f"emo-chaos-{seed}-"))
     os.chmod(root, 0o755)
+    print(f"the farm's folder: {root}", flush=True)
     started = time.monotonic()
     farm = start_farm(root, settings=SETTINGS)
     os.environ.update(farm.env)
@@ -393,6 +399,7 @@ def chaos(seed: int, jobs: int, faults: int, seconds: float, timeout: float) -> 
             faults_skipped=dict(run.skipped),
             sweeps=sweeps,
             seconds=round(time.monotonic() - started, 1),
+            workdir=str(root),
             log=run.log,
         )
         return result
@@ -444,6 +451,9 @@ def main() -> int:
     parser.add_argument("--seconds", type=float, default=3.0, help="mean track length")
     parser.add_argument("--timeout", type=float, default=900, help="seconds to settle")
     parser.add_argument("--json", type=Path, default=None)
+    parser.add_argument(
+        "--keep", action="store_true", help="keep the farm's folder (logs, data) after a pass"
+    )
     args = parser.parse_args()
     result = chaos(args.seed, args.jobs, args.faults, args.seconds, args.timeout)
     print(table(result))
@@ -456,6 +466,11 @@ def main() -> int:
         and result["slots_leaked"] == 0
         and not result["attempts_over_limit"]
     )
+    workdir = Path(result["workdir"])
+    if ok and not args.keep and not any(workdir.glob("**/postmaster.pid")):
+        shutil.rmtree(workdir)  # a few hundred MB of farm state; the farm has stopped
+    else:
+        print(f"the farm's logs and data are kept in {workdir}")
     return 0 if ok else 1
 
 

@@ -145,9 +145,13 @@ def _database_outage(url: str, seconds: float) -> int:
 
 
 def _done(url: str) -> int:
-    with session_factory(make_engine(url))() as session:
-        query = select(func.count()).select_from(Segment)
-        return session.scalar(query.where(Segment.status == SegmentStatus.DONE)) or 0
+    engine = make_engine(url)
+    try:
+        with session_factory(engine)() as session:
+            query = select(func.count()).select_from(Segment)
+            return session.scalar(query.where(Segment.status == SegmentStatus.DONE)) or 0
+    finally:
+        engine.dispose()
 
 
 def test_a_database_outage_is_ridden_out_in_place(
@@ -182,33 +186,49 @@ def test_a_database_outage_is_ridden_out_in_place(
 def test_a_store_outage_longer_than_its_retries_is_ridden_out(
     prefect_server: str, pg_url: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
+    """The S3 server stops for 8 s after the first checkpoint, longer than the store's own
+    retries (0.5 s); the render retries in place and every segment's checkpoint is there."""
+    from emo.store.checkpoint import read_segment_checkpoint
+
     server = WeedServer(tmp_path / "weed")
     server.start()
+    stop = threading.Event()  # ends the outage thread early when the render has ended
+    restarted = threading.Event()
+    done_at_stop: list[int] = []
+
+    def outage() -> None:
+        while _done(pg_url) < 1:
+            if stop.wait(0.05):
+                return
+        server.stop()
+        done_at_stop.append(_done(pg_url))
+        if stop.wait(8.0):
+            return  # the render is over: the server stays stopped, and the test fails below
+        server.start(wait=False)
+        restarted.set()
+
+    thread = threading.Thread(target=outage)
     try:
         studio = make_studio(tmp_path, pg_url, server, monkeypatch, seconds=4.0)
         monkeypatch.setenv("EMO_STORE_RETRIES", "1")  # the store alone gives up in 0.5 s
         clear_caches()
         path = manifest(tmp_path / "s3.yaml", studio, ["outage"], steps=6)
         job_id = submit_batch(manifest=str(path), render=False)["jobs"]["outage"]
-        restarted = threading.Event()
-
-        def outage() -> None:
-            while _done(pg_url) < 1:
-                time.sleep(0.05)
-            server.stop()
-            time.sleep(8.0)
-            server.start(wait=False)
-            restarted.set()
-
-        thread = threading.Thread(target=outage)
         thread.start()
         outcome = render_track(job_id=job_id)
-        thread.join(timeout=120)
-        assert restarted.is_set()
+        assert restarted.is_set(), "the render ended before the S3 server came back"
+        assert done_at_stop and done_at_stop[0] < outcome["segments"]  # stopped mid-render
         assert outcome["status"] == "succeeded" and outcome["rendered"] == outcome["segments"]
         job, _, _ = _job(studio, job_id)
         assert (job.status, job.attempt) == (JobStatus.SUCCEEDED, 1)
+        for index in range(outcome["segments"]):
+            assert read_segment_checkpoint(studio.store, job_id=job_id, index=index)
     finally:
+        # The thread is stopped before the server, so it cannot start the server again after.
+        stop.set()
+        if thread.is_alive():
+            thread.join(timeout=120)
+        assert not thread.is_alive(), "the outage thread is stuck"
         server.stop()
         clear_caches()
 

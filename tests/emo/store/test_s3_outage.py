@@ -28,19 +28,23 @@ def test_put_is_retried_across_a_server_restart(own_weed: WeedServer, tmp_path: 
 
     own_weed.stop()
     restarted = threading.Event()
+    stop = threading.Event()  # set when the put has ended, so the thread never starts weed late
 
     def restart_later() -> None:
-        time.sleep(2.0)
-        own_weed.start(wait=False)
-        restarted.set()
+        if not stop.wait(2.0):
+            own_weed.start(wait=False)
+            restarted.set()
 
     thread = threading.Thread(target=restart_later)
     thread.start()
     started = time.monotonic()
     payload = tmp_path / "segment.mp4"
     payload.write_bytes(b"segment" * 10_000)
-    store.put_file("jobs/j/segments/00000/r/video.mp4", payload)  # blocks through the outage
-    thread.join()
+    try:
+        store.put_file("jobs/j/segments/00000/r/video.mp4", payload)  # blocks through the outage
+    finally:
+        stop.set()
+        thread.join()  # before the fixture stops the server
     assert restarted.is_set() and time.monotonic() - started >= 2.0
     assert store.get_bytes("jobs/j/segments/00000/r/video.mp4") == payload.read_bytes()
     assert store.get_bytes("before") == b"1"
