@@ -324,11 +324,20 @@ def test_dockerfile_builds_a_non_root_image_of_this_checkout() -> None:
     final_stage = text[text.rindex("\nFROM ") :]
     users = [line.split()[1] for line in final_stage.splitlines() if line.startswith("USER ")]
     assert users and users[-1].split(":")[0].isdigit() and users[-1] != "0"
+    # .dockerignore is an allow-list: everything out, then the top-level names the build needs.
+    lines_in = (ROOT / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines_in if line.strip() and not line.startswith("#")]
+    assert patterns[0] == "*"
+    allowed = {line[1:].strip("/") for line in patterns if line.startswith("!")}
     for line in lines:
         if line.startswith("COPY") and "--from" not in line:
             for source in line.split()[1:-1]:
                 if not source.startswith("--"):
                     assert (ROOT / source).exists(), f"Dockerfile copies missing {source}"
+                    top = Path(source).parts[0]
+                    assert top in allowed, f".dockerignore keeps {source} out of the context"
+    # pyproject's readme is read when the package is built in the image.
+    assert "README.md" in allowed and "pyproject.toml" in allowed
     assert "WORKDIR /opt/emo" in text  # prefect.yaml's pull step sets this directory
     assert "ffmpeg" in text and "torch" in text
 
