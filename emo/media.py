@@ -42,6 +42,13 @@ DAMAGE = re.compile(
     re.IGNORECASE,
 )
 DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
+# What a vocal track may be: audio containers and the video containers a take comes in. No
+# demuxer that opens other files by name (hls playlists, concat scripts, image2 patterns,
+# tee), and only local files and pipes: a ".wav" that is really a playlist would otherwise make
+# ffmpeg read the files or URLs named inside it.
+AUDIO_DEMUXERS = "wav,w64,mp3,flac,ogg,mov,matroska,aac,aiff,caf,avi,asf,mpeg,mpegts"
+AUDIO_NAMES = "wav, mp3, flac, ogg/opus, m4a/mp4/mov, mkv/webm, aac, aiff, caf, avi, wma, mpeg/ts"
+INPUT_PROTOCOLS = "file,pipe"
 # Declared vs decoded duration may differ by codec priming/padding, never by more.
 TRUNCATION_TOLERANCE_SECONDS = 0.1
 TRUNCATION_TOLERANCE_FRACTION = 0.02
@@ -105,11 +112,21 @@ def require_file(path: Path | str, kind: str) -> Path:
 # -- audio ---------------------------------------------------------------------------------
 
 
+def _vocal_input(path: Path) -> ffmpeg.nodes.FilterableStream:
+    """A user's vocal track as an ffmpeg input, opened with only the allowed demuxers and
+    protocols (``AUDIO_DEMUXERS``, ``INPUT_PROTOCOLS``)."""
+    return ffmpeg.input(
+        str(path.resolve()),  # absolute: a name with a colon is never taken for a protocol
+        protocol_whitelist=INPUT_PROTOCOLS,
+        format_whitelist=AUDIO_DEMUXERS,
+    )
+
+
 def load_audio(path: Path | str, sample_rate: int) -> np.ndarray:
     """Decode the first audio stream of ``path`` as mono float32 at ``sample_rate``: (N,)."""
     path = require_file(path, "audio")
     args = (
-        ffmpeg.input(str(path))
+        _vocal_input(path)
         .output("pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
         .global_args("-hide_banner", "-nostdin", "-nostats")
         .compile(cmd=ffmpeg_exe())
@@ -119,6 +136,11 @@ def load_audio(path: Path | str, sample_rate: int) -> np.ndarray:
     if result.returncode != 0:
         if "matches no streams" in stderr:
             raise MediaError(f"audio file {str(path)!r} has no audio stream")
+        if "not on whitelist" in stderr:
+            raise MediaError(
+                f"audio file {str(path)!r} is not in a format emo reads (it may be a playlist or "
+                f"a script that names other files); give a {AUDIO_NAMES} file"
+            )
         raise MediaError(f"audio file {str(path)!r} cannot be decoded: {_last_error(stderr)}")
     damage = [line.strip() for line in stderr.splitlines() if DAMAGE.search(line)]
     if damage:
@@ -298,7 +320,7 @@ def concat_videos(
         streams = [concat["v:0"]]
         options: dict[str, object] = {"vcodec": "copy", "movflags": "+faststart", "format": "mp4"}
         if audio is not None:
-            streams.append(ffmpeg.input(str(require_file(audio, "audio")))["a:0"])
+            streams.append(_vocal_input(require_file(audio, "audio"))["a:0"])
             options.update(acodec="aac", audio_bitrate=AUDIO_BITRATE)
         partial = _partial_path(output)
         args = (

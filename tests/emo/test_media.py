@@ -49,6 +49,12 @@ def stereo_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (".mp3", []),
         (".m4a", ["-c:a", "aac"]),
         (".ogg", ["-c:a", "libvorbis"]),
+        (".opus", ["-c:a", "libopus", "-ar", "48000"]),
+        (".aiff", []),
+        (".mkv", ["-c:a", "aac"]),
+        (".webm", ["-c:a", "libopus", "-ar", "48000"]),
+        (".mov", ["-c:a", "aac"]),
+        (".wma", []),
     ],
 )
 def test_load_audio_any_container_as_mono_16k(
@@ -138,6 +144,39 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
 
 
 # -- bad input: one clear error naming the file --------------------------------------------
+
+
+def _reads_other_files(tmp_path: Path, kind: str) -> Path:
+    """A vocal track that is really a list of other files: decoded as such, ffmpeg would read
+    ``secret.aac`` (or any file or URL named) and render it as the singer's voice."""
+    _ffmpeg("-f", "lavfi", "-i", "sine=duration=1", "-c:a", "aac", str(tmp_path / "secret.aac"))
+    if kind == "concat":
+        path = tmp_path / "vocal.wav"
+        path.write_text("ffconcat version 1.0\nfile 'secret.aac'\n")
+    else:  # an HLS playlist under the name ffmpeg trusts
+        path = tmp_path / "vocal.m3u8"
+        path.write_text(
+            "#EXTM3U\n#EXT-X-TARGETDURATION:1\n#EXTINF:1,\nsecret.aac\n#EXT-X-ENDLIST\n"
+        )
+    return path
+
+
+@pytest.mark.parametrize("kind", ["concat", "hls"])
+def test_a_vocal_track_that_names_other_files_is_refused(tmp_path: Path, kind: str) -> None:
+    path = _reads_other_files(tmp_path, kind)
+    # Without the allow-lists, this ffmpeg follows the list and decodes secret.aac.
+    opened = subprocess.run(
+        [media.ffmpeg_exe(), "-hide_banner", "-nostdin", "-i", str(path), "-f", "null", "-"],
+        capture_output=True,
+        text=True,
+    )
+    assert opened.returncode == 0 and f"Input #0, {kind}" in opened.stderr, opened.stderr
+    with pytest.raises(MediaError, match="not in a format emo reads") as caught:
+        media.load_audio(path, 16000)
+    assert path.name in str(caught.value) and "playlist" in str(caught.value)
+    with pytest.raises(MediaError, match="assembling"):  # the muxed track is opened the same way
+        media.concat_videos(_segments(tmp_path, [5]), tmp_path / "out.mp4", audio=path)
+    assert not (tmp_path / "out.mp4").exists()
 
 
 def _bad_audio(tmp_path: Path, kind: str, stereo_wav: Path) -> Path:
