@@ -23,7 +23,7 @@ from emo.cli_jobs import register as register_job_commands
 from emo.cli_ops import register as register_ops_commands
 from emo.cli_training import register as register_training_commands
 from emo.errors import EmoError, SettingsError
-from emo.settings import get_settings
+from emo.settings import get_settings, hide_password
 
 app = typer.Typer(
     help="EMO talking/singing portrait video generation and batch production.",
@@ -329,7 +329,7 @@ def show_settings() -> None:
     values["database_url (resolved)"] = settings.resolved_database_url
     values["store_url (resolved)"] = settings.resolved_store_url
     for name, value in values.items():
-        typer.echo(f"{name} = {value}")
+        typer.echo(f"{name} = {hide_password(value) if isinstance(value, str) else value}")
 
 
 def _fail(message: str, code: int) -> None:

@@ -24,6 +24,18 @@ ENV_PREFIX = "EMO_"
 SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
 
 
+def hide_password(value: str) -> str:
+    """``value`` with the password of a ``scheme://user:password@host/...`` URL replaced by
+    ``***``; anything else unchanged. For printing settings and URLs anywhere."""
+    scheme, sep, rest = value.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")  # a raw '@' in a password stays in userinfo
+    if not sep or not at or ":" not in userinfo:
+        return value
+    user = userinfo.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}{slash}{path}"
+
+
 class Settings(BaseSettings):
     """Every knob of emo; each field ``x`` is read from ``EMO_X``."""
 

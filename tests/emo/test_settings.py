@@ -56,3 +56,20 @@ def test_invalid_value_names_the_variable(
     monkeypatch.setenv(variable, value)
     with pytest.raises(SettingsError, match=expected):
         load_settings()
+
+
+def test_emo_settings_hides_the_database_password(monkeypatch: pytest.MonkeyPatch) -> None:
+    from typer.testing import CliRunner
+
+    from emo.cli import app
+
+    monkeypatch.setenv("EMO_DATABASE_URL", "postgresql://studio:pa55-w0rd@db.internal:5432/emo")
+    monkeypatch.setenv("EMO_S3_ENDPOINT", "minio:9000")
+    monkeypatch.setenv("EMO_S3_ACCESS_KEY", "render-user")
+    monkeypatch.setenv("EMO_S3_SECRET_KEY", "s3-s3cr3t-key")
+    result = CliRunner().invoke(app, ["settings"])
+    assert result.exit_code == 0, result.output
+    assert "pa55-w0rd" not in result.output and "s3-s3cr3t-key" not in result.output
+    # Still says where it connects, as whom.
+    assert "database_url = postgresql://studio:***@db.internal:5432/emo" in result.output
+    assert "postgresql+psycopg://studio:***@db.internal:5432/emo" in result.output
