@@ -19,7 +19,9 @@ from __future__ import annotations
 import csv
 import hashlib
 import io
+import itertools
 import json
+import math
 import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -30,7 +32,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emo.errors import EmoError
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
-SpeedPoints = list[tuple[Annotated[float, Field(ge=0)], Annotated[float, Field(ge=0, le=1)]]]
+MAX_MANIFEST_BYTES = 10 * 1024 * 1024  # about 50,000 jobs; a bigger batch is split
+SPEED_HELP = "speed is a level from 0 to 1, or a list of [seconds, level] points"
+Finite = Annotated[float, Field(allow_inf_nan=False)]
+SpeedPoints = list[tuple[float, float]]
 
 
 class ManifestError(EmoError):
@@ -44,6 +49,14 @@ class ManifestError(EmoError):
         super().__init__(f"manifest {source} has {len(problems)} problem(s):\n{listing}")
 
 
+def _is_number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _is_level(value: Any) -> bool:
+    return _is_number(value) and 0 <= value <= 1
+
+
 class JobOptions(BaseModel):
     """Parameters a job may set; a batch's ``defaults`` may set the same ones."""
 
@@ -51,21 +64,44 @@ class JobOptions(BaseModel):
 
     seed: int | None = Field(None, ge=0, lt=2**63)
     steps: int | None = Field(None, ge=1, le=1000)
-    guidance: float | None = Field(None, ge=0, le=50)
+    guidance: Finite | None = Field(None, ge=0, le=50)
     scheduler: Literal["ddim", "dpm++", "euler", "pndm", "unipc"] | None = None
     speed: float | SpeedPoints | None = None
-    segment_seconds: float | None = Field(None, gt=0, le=3600)
-    face_box: tuple[float, float, float, float] | None = None
+    segment_seconds: Finite | None = Field(None, gt=0, le=3600)
+    face_box: tuple[Finite, Finite, Finite, Finite] | None = None
     face_policy: Literal["error", "full_frame"] | None = None
     format: Literal["mp4", "mov", "png"] | None = None
     priority: int | None = Field(None, ge=-1000, le=1000)
 
+    @field_validator("seed", "steps", "priority", mode="before")
+    @classmethod
+    def _not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):  # YAML's true/false would otherwise count as 1/0
+            raise ValueError("a whole number is needed, not true/false")
+        return value
+
     @field_validator("speed", mode="before")
     @classmethod
-    def _speed_number(cls, value: Any) -> Any:
+    def _speed(cls, value: Any) -> Any:
+        """One clear message for every bad speed (a union type would give one per branch)."""
         if isinstance(value, str):  # CSV cells
             value = value.strip()
-            return json.loads(value) if value.startswith("[") else float(value)
+            try:
+                value = json.loads(value) if value.startswith("[") else float(value)
+            except ValueError:
+                raise ValueError(f"{value!r}: {SPEED_HELP}") from None
+        if value is None:
+            return value
+        if _is_level(value):
+            return value
+        if not isinstance(value, list) or not value:
+            raise ValueError(SPEED_HELP)
+        for point in value:
+            ok = isinstance(point, list | tuple) and len(point) == 2 and _is_level(point[1])
+            if not ok or not _is_number(point[0]) or point[0] < 0:
+                raise ValueError(f"{point!r}: {SPEED_HELP}, seconds from 0")
+        if any(b[0] <= a[0] for a, b in itertools.pairwise(value)):
+            raise ValueError("speed points are [seconds, level] with the seconds increasing")
         return value
 
     @field_validator("face_box", mode="before")
@@ -128,6 +164,15 @@ def _parse(data: bytes, kind: str, source: str) -> dict[str, Any]:
             {k.strip(): v.strip() for k, v in row.items() if k and v and v.strip()}
             for row in csv.DictReader(io.StringIO(text))
         ]
+        formulas = [
+            f"job row {number}, {key}: {value[:40]!r} is a spreadsheet formula; export the "
+            "sheet with values, not formulas"
+            for number, row in enumerate(rows, start=1)
+            for key, value in row.items()
+            if value.startswith("=")
+        ]
+        if formulas:
+            raise ManifestError(source, formulas)
         return {"name": Path(source).stem, "jobs": rows}
     loaded = json.loads(text) if kind == "json" else yaml.safe_load(text)
     if not isinstance(loaded, dict):
@@ -151,10 +196,15 @@ def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tupl
     kind = kind or Path(source).suffix.lower().lstrip(".").replace("yml", "yaml")
     if kind not in ("yaml", "json", "csv"):
         raise ManifestError(source, ["unknown format: name the file .yaml, .json or .csv"])
+    if len(data) > MAX_MANIFEST_BYTES:
+        size = f"{len(data) / 2**20:.1f} MB"
+        raise ManifestError(source, [f"is {size}; the limit is 10 MB: split the batch"])
     try:
         document = _parse(data, kind, source)
     except (ValueError, yaml.YAMLError, csv.Error) as error:
         raise ManifestError(source, [f"cannot be read as {kind}: {error}"]) from None
+    except RecursionError:
+        raise ManifestError(source, ["is nested too deeply to be a manifest"]) from None
     try:
         manifest = Manifest.model_validate(document)
     except ValidationError as error:
@@ -163,12 +213,13 @@ def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tupl
     seen: dict[str, int] = {}
     duplicates = []
     for row, job in enumerate(manifest.jobs, start=1):
-        if job.name in seen:
+        key = job.name.casefold()  # outputs a.mp4 and A.mp4 collide on case-blind disks
+        if key in seen:
             duplicates.append(
                 f"job {job.name!r} (row {row}): name already used by row "
-                f"{seen[job.name]}; job names must be unique"
+                f"{seen[key]} (names are compared ignoring case); job names must be unique"
             )
-        seen.setdefault(job.name, row)
+        seen.setdefault(key, row)
     if duplicates:
         raise ManifestError(source, duplicates)
     return manifest, hashlib.sha256(data).hexdigest()

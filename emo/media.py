@@ -122,12 +122,26 @@ def _vocal_input(path: Path) -> ffmpeg.nodes.FilterableStream:
     )
 
 
-def load_audio(path: Path | str, sample_rate: int) -> np.ndarray:
-    """Decode the first audio stream of ``path`` as mono float32 at ``sample_rate``: (N,)."""
+def load_audio(
+    path: Path | str, sample_rate: int, *, max_seconds: float | None = None
+) -> np.ndarray:
+    """Decode the first audio stream of ``path`` as mono float32 at ``sample_rate``: (N,).
+
+    With ``max_seconds``, a longer track is refused (``EMO_MAX_TRACK_SECONDS``) after decoding
+    at most a second past the limit, so a 10-hour file never fills memory."""
     path = require_file(path, "audio")
+    limit = {"t": max_seconds + 1} if max_seconds is not None else {}
     args = (
         _vocal_input(path)
-        .output("pipe:", map="0:a:0", format="f32le", acodec="pcm_f32le", ac=1, ar=sample_rate)
+        .output(
+            "pipe:",
+            map="0:a:0",
+            format="f32le",
+            acodec="pcm_f32le",
+            ac=1,
+            ar=sample_rate,
+            **limit,
+        )
         .global_args("-hide_banner", "-nostdin", "-nostats")
         .compile(cmd=ffmpeg_exe())
     )
@@ -150,6 +164,11 @@ def load_audio(path: Path | str, sample_rate: int) -> np.ndarray:
         raise MediaError(f"audio file {str(path)!r} contains no audio samples (zero length)")
     decoded = audio.size / sample_rate
     declared = _declared_seconds(stderr)
+    if max_seconds is not None and max(decoded, declared or 0.0) > max_seconds:
+        raise MediaError(
+            f"audio file {str(path)!r} is longer than {max_seconds:g} s, the longest track "
+            "allowed (EMO_MAX_TRACK_SECONDS): split it, or raise the limit"
+        )
     if declared is not None:
         tolerance = max(TRUNCATION_TOLERANCE_SECONDS, TRUNCATION_TOLERANCE_FRACTION * declared)
         if decoded < declared - tolerance:
@@ -166,13 +185,22 @@ def load_audio(path: Path | str, sample_rate: int) -> np.ndarray:
 def load_image(path: Path | str) -> np.ndarray:
     """Decode ``path`` as an upright RGB image: (H, W, 3) uint8."""
     path = require_file(path, "image")
+    most = get_settings().max_image_pixels
+    too_big = (
+        f"image file {str(path)!r} has more than {most:,} pixels, the largest portrait allowed "
+        "(EMO_MAX_IMAGE_PIXELS): scale it down, or raise the limit"
+    )
     try:
         with Image.open(path) as image:
+            if image.width * image.height > most:  # read from the header: nothing decoded yet
+                raise MediaError(too_big)
             image.load()
             upright = ImageOps.exif_transpose(image)
             return np.asarray(upright.convert("RGB")).copy()
     except UnidentifiedImageError:
         raise MediaError(f"image file {str(path)!r} is not an image Pillow can read") from None
+    except Image.DecompressionBombError:  # Pillow's own ceiling, above any sane limit
+        raise MediaError(too_big) from None
     except (OSError, SyntaxError, ValueError) as error:
         raise MediaError(
             f"image file {str(path)!r} cannot be decoded ({error}); it may be truncated or corrupt"

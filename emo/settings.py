@@ -91,6 +91,13 @@ class Settings(BaseSettings):
         le=86400,
         description="a render retries an unreachable database or store in place this long",
     )
+    max_track_seconds: float = Field(
+        3600.0, ge=1, le=7 * 86400, description="longest vocal track a batch may submit"
+    )
+    max_steps: int = Field(200, ge=1, le=1000, description="most denoising steps a job may ask")
+    max_image_pixels: int = Field(
+        50_000_000, ge=1, le=2_000_000_000, description="largest portrait (width x height)"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     qc_max_seam_jitter: float = Field(1.3, gt=0, description="QC warning above this")

@@ -45,6 +45,7 @@ from emo.render import (
     resolve_params,
     resolve_weights,
 )
+from emo.settings import Settings
 from emo.store.base import is_fresh, sha256_file
 from flows.context import Services, services
 from flows.dispatch import settle
@@ -140,6 +141,26 @@ def _submit_scratch(svc: Services, sha256: str) -> Path:
     )
 
 
+def _over_limits(
+    steps: int, segment_seconds: float, settings: Settings, clip_frames: int
+) -> list[str]:
+    """What a job asks beyond the studio's limits (the track length and image size are
+    checked while decoding them)."""
+    problems = []
+    if steps > settings.max_steps:
+        problems.append(
+            f"steps {steps} is above {settings.max_steps}, the most allowed (EMO_MAX_STEPS): "
+            "ask fewer, or raise the limit"
+        )
+    clip_seconds = clip_frames / settings.fps
+    if segment_seconds < clip_seconds:
+        problems.append(
+            f"segment_seconds {segment_seconds:g} is shorter than one clip of this model "
+            f"({clip_frames} frames, {clip_seconds:g} s): give at least {clip_seconds:g}"
+        )
+    return problems
+
+
 @task(cache_policy=NO_CACHE)
 def preflight(
     svc: Services,
@@ -172,10 +193,16 @@ def preflight(
             model_steps=config.steps,
             model_guidance=config.guidance_scale,
         )
+        limits = _over_limits(params.steps, params.segment_seconds, settings, config.clip_frames)
+        if limits:
+            problems.extend(f"{place}: {problem}" for problem in limits)
+            continue
         try:
             pixels = media.load_image(inputs.image)
             region = portrait_region(pixels, params, Path(job.image).name)
-            samples = media.load_audio(inputs.audio, settings.sample_rate)
+            samples = media.load_audio(
+                inputs.audio, settings.sample_rate, max_seconds=settings.max_track_seconds
+            )
         except EmoError as error:
             message = str(error)
             for local, uri in ((inputs.image, inputs.image_uri), (inputs.audio, inputs.audio_uri)):

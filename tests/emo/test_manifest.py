@@ -56,6 +56,9 @@ jobs:
     assert "job row 5, name: Field required" in text
 
 
+ROW = b"name: x\njobs: [{name: a, image: i, audio: a, "
+
+
 @pytest.mark.parametrize(
     ("data", "message"),
     [
@@ -71,11 +74,48 @@ jobs:
         ),
         (b"name: x\njobs: [{name: a, image: i, audio: a, colour: red}]\n", "colour"),
         (b"{not yaml: [", "cannot be read as yaml"),
+        (ROW + b"seed: true}]\n", "seed: Value error, a whole number is needed, not true/false"),
+        (ROW + b"steps: false}]\n", "steps: Value error, a whole number is needed"),
+        (ROW + b"speed: .nan}]\n", "speed: Value error, speed is a level from 0 to 1"),
+        (ROW + b"speed: -5}]\n", "speed: Value error, speed is a level from 0 to 1"),
+        (ROW + b"speed: 7}]\n", "speed: Value error, speed is a level from 0 to 1"),
+        (ROW + b"speed: []}]\n", "speed: Value error, speed is a level from 0 to 1"),
+        (ROW + b"speed: [[0, 0.1], [0, 0.2]]}]\n", "with the seconds increasing"),
+        (ROW + b"speed: [[-1, 0.1]]}]\n", "seconds from 0"),
+        (ROW + b"speed: [[0, 2]]}]\n", "seconds from 0"),
+        (ROW + b"guidance: .inf}]\n", "guidance: Input should be a finite number"),
+        (ROW + b"segment_seconds: .nan}]\n", "segment_seconds: Input should be a finite number"),
+        (ROW + b"face_box: [.nan, 0, 1, 1]}]\n", "face_box.0: Input should be a finite number"),
+        (
+            b"name: x\njobs:\n - {name: Anna, image: i, audio: a}\n"
+            b" - {name: anna, image: j, audio: b}\n",
+            r"job 'anna' \(row 2\): name already used by row 1 \(names are compared ignoring",
+        ),
+        (b"name: x\njobs: " + b"[" * 20_000 + b"]" * 20_000, "nested too deeply"),
+        (b"name: x\njobs: []\n#" + b"x" * (10 * 2**20), "is 10.0 MB; the limit is 10 MB"),
     ],
 )
 def test_bad_manifests(data: bytes, message: str) -> None:
-    with pytest.raises(ManifestError, match=message):
+    with pytest.raises(ManifestError, match=message) as caught:
         parse_manifest(data, source="m.yaml")
+    assert len(caught.value.problems) == 1, caught.value.problems  # one message per problem
+
+
+def test_a_deep_json_manifest_and_a_csv_formula_are_refused() -> None:
+    with pytest.raises(ManifestError, match="nested too deeply"):
+        parse_manifest(b"[" * 100_000 + b"]" * 100_000, source="m.json")
+    csv = b'name,image,audio\na,=HYPERLINK("http://x"),v.wav\nb,p.png,v.wav\n'
+    with pytest.raises(ManifestError, match="job row 1, image: .* is a spreadsheet formula"):
+        parse_manifest(csv, source="m.csv")
+
+
+def test_speed_levels_and_points_from_yaml_and_csv_are_kept() -> None:
+    manifest, _ = parse_manifest(ROW + b"speed: [[0, 0.01], [30, 0.05]]}]\n", source="m.yaml")
+    assert manifest.jobs[0].speed == [(0.0, 0.01), (30.0, 0.05)]
+    csv = b'name,image,audio,speed,seed\na,p.png,v.wav,0.03,7\nb,p.png,v.wav,"[[0, 0.1]]",8\n'
+    manifest, _ = parse_manifest(csv, source="m.csv")
+    assert [job.speed for job in manifest.jobs] == [0.03, [(0.0, 0.1)]]
+    assert [job.seed for job in manifest.jobs] == [7, 8]
 
 
 def test_unknown_format() -> None:

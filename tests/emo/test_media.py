@@ -225,6 +225,38 @@ def test_bad_audio_gives_one_clear_error(
     assert path.name in str(caught.value)
 
 
+def test_a_track_over_the_length_limit_is_refused_without_decoding_it_all(
+    stereo_wav: Path,
+) -> None:
+    with pytest.raises(MediaError, match="longer than 1 s.*EMO_MAX_TRACK_SECONDS") as caught:
+        media.load_audio(stereo_wav, 16000, max_seconds=1.0)
+    assert stereo_wav.name in str(caught.value)
+    assert media.load_audio(stereo_wav, 16000, max_seconds=3.0).size == 40000  # 2.5 s fits
+
+
+def _png_claiming(path: Path, width: int, height: int) -> Path:
+    """A tiny PNG whose header claims ``width`` x ``height`` (a decompression bomb's shape)."""
+    import struct
+    import zlib
+
+    Image.new("L", (8, 8)).save(path)
+    data = bytearray(path.read_bytes())
+    header = b"IHDR" + struct.pack(">II", width, height) + bytes(data[24:29])
+    data[12:29] = header
+    data[29:33] = struct.pack(">I", zlib.crc32(header))
+    path.write_bytes(bytes(data))
+    return path
+
+
+@pytest.mark.parametrize("side", [8000, 30000])  # over EMO_MAX_IMAGE_PIXELS; over Pillow's own
+def test_an_image_over_the_pixel_limit_is_refused_from_its_header(
+    tmp_path: Path, side: int
+) -> None:
+    path = _png_claiming(tmp_path / "huge.png", side, side)
+    with pytest.raises(MediaError, match="more than 50,000,000 pixels.*EMO_MAX_IMAGE_PIXELS"):
+        media.load_image(path)
+
+
 @pytest.mark.parametrize(
     ("content", "message"),
     [

@@ -21,7 +21,7 @@ from emo.store.checkpoint import read_segment_checkpoint
 from flows.context import LeaseHeld
 from flows.render_track import render_track
 from flows.submit_batch import submit_batch
-from tests.flows.conftest import Studio, manifest
+from tests.flows.conftest import Studio, clear_caches, manifest
 
 
 def _session(studio: Studio):
@@ -160,6 +160,39 @@ def test_bad_jobs_are_all_reported_and_nothing_registered(studio: Studio, tmp_pa
     with _session(studio) as session:
         assert list(session.scalars(select(Batch))) == []
     assert list(studio.store.list("jobs/")) == []
+
+
+def test_the_studio_limits_are_checked_before_anything_is_registered(
+    studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("EMO_MAX_TRACK_SECONDS", "2")  # the studio's vocal is 3 s
+    monkeypatch.setenv("EMO_MAX_IMAGE_PIXELS", "1000")  # its portrait is 64 x 64
+    monkeypatch.setenv("EMO_MAX_STEPS", "50")
+    clear_caches()
+    rows = {"long-track": {}, "big-portrait": {}, "many-steps": {"steps": 60}}
+    rows["tiny-segments"] = {"segment_seconds": 0.01}
+    path = tmp_path / "limits.yaml"
+    jobs = []
+    for name, options in rows.items():
+        job = {"name": name, "image": str(studio.portrait), "audio": str(studio.vocal)}
+        job.update(face_box=[0.2, 0.15, 0.8, 0.85], **options)
+        jobs.append(job)
+    path.write_text(yaml.safe_dump({"name": "limits", "jobs": jobs}))
+    with pytest.raises(ManifestError) as caught:
+        submit_batch(manifest=str(path))
+    text = str(caught.value)
+    assert len(caught.value.problems) == 4, text
+    assert "job 'many-steps' (row 3): steps 60 is above 50" in text and "EMO_MAX_STEPS" in text
+    assert "job 'tiny-segments' (row 4): segment_seconds 0.01 is shorter than one clip" in text
+    # The image limit is met first by every job that gets to decoding; its message names the
+    # user's file, not emo's copy.
+    assert text.count("more than 1,000 pixels") == 2 and str(studio.portrait) in text
+    with _session(studio) as session:
+        assert list(session.scalars(select(Batch))) == []
+    monkeypatch.setenv("EMO_MAX_IMAGE_PIXELS", "100000")
+    clear_caches()
+    with pytest.raises(ManifestError, match="longer than 2 s.*EMO_MAX_TRACK_SECONDS"):
+        submit_batch(manifest=str(path))
 
 
 def test_two_renders_of_one_job_only_one_renders(studio: Studio, tmp_path: Path) -> None:
