@@ -203,6 +203,46 @@ def submit(
         raise typer.Exit(1)
 
 
+def validate(
+    manifest: Annotated[str, typer.Argument(help="manifest (.yaml, .json, .csv; path or s3://)")],
+    base: Annotated[
+        str | None, typer.Option(help="where relative inputs are (default: next to it)")
+    ] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the jobs as JSON")] = False,
+) -> None:
+    """Check a manifest as a submit would (every input fetched and decoded, faces, limits,
+    the estimate) without registering or storing anything. Exit 0 when valid; 2 with every
+    problem listed when not."""
+    from flows.submit_batch import validate_manifest
+
+    parsed, prepared = validate_manifest(manifest, get_settings(), base)
+    rows = [
+        {
+            "job": job.spec.name,
+            "seconds": round(job.seconds, 2),
+            "clips": job.clips,
+            "steps": job.steps,
+            "estimate_seconds": round(job.estimate_seconds, 1),
+        }
+        for job in prepared
+    ]
+    total = round(sum(job.estimate_seconds for job in prepared), 1)
+    if as_json:
+        typer.echo(json.dumps({"name": parsed.name, "jobs": rows, "estimate_seconds": total}))
+        return
+    console.print(f"manifest {manifest} is valid: batch {parsed.name}, {len(rows)} job(s)")
+    for row in rows:
+        row["estimated GPU time"] = _duration(row.pop("estimate_seconds"))
+    _print_table(rows)
+    console.print(f"estimated GPU time of the batch: {_duration(total)} (nothing registered)")
+
+
+def _duration(seconds: float) -> str:
+    minutes, secs = divmod(round(seconds), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{secs:02d}s" if hours else f"{minutes}m{secs:02d}s"
+
+
 def _print_table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
@@ -543,5 +583,5 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
-    for command in (render, submit, status, resume, cancel, serve, deploy, demo):
+    for command in (render, submit, validate, status, resume, cancel, serve, deploy, demo):
         app.command()(command)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import time
 import uuid
 from dataclasses import dataclass, replace
@@ -75,17 +76,18 @@ class PreparedJob:
     inputs: FetchedInputs
     seconds: float
     clips: int
+    steps: int
     estimate_seconds: float
     face: str
 
 
-def read_source(source: str, svc: Services) -> tuple[bytes, str]:
+def read_source(source: str, settings: Settings) -> tuple[bytes, str]:
     """Manifest bytes from a path, file:// or s3:// URI; and the base for relative inputs."""
     parsed = urlparse(source)
     if parsed.scheme == "s3":
         from emo.store import open_store
 
-        store = open_store(f"s3://{parsed.netloc}", svc.settings)
+        store = open_store(f"s3://{parsed.netloc}", settings)
         key = parsed.path.lstrip("/")
         return store.get_bytes(key), source.rsplit("/", 1)[0]
     path = Path(parsed.path if parsed.scheme == "file" else source)
@@ -102,7 +104,7 @@ def _resolve(uri: str, base: str) -> str:
 
 @task(cache_policy=NO_CACHE)
 def fetch_inputs(
-    svc: Services, manifest: Manifest, scratch: Path, base: str
+    settings: Settings, manifest: Manifest, scratch: Path, base: str
 ) -> list[FetchedInputs | str]:
     """Copy every job's image and audio locally and hash the copies (what the job renders is
     what was hashed); a job whose inputs cannot be fetched gets its problem instead."""
@@ -112,7 +114,7 @@ def fetch_inputs(
         image_uri, audio_uri = _resolve(job.image, base), _resolve(job.audio, base)
         try:
             image, audio = (
-                fetch(uri, folder / kind / _name(uri), base_dir=Path(base), settings=svc.settings)
+                fetch(uri, folder / kind / _name(uri), base_dir=Path(base), settings=settings)
                 for kind, uri in (("image", image_uri), ("audio", audio_uri))
             )
         except (StoreUnavailable, StoreAuthError):
@@ -163,7 +165,7 @@ def _over_limits(
 
 @task(cache_policy=NO_CACHE)
 def preflight(
-    svc: Services,
+    settings: Settings,
     manifest: Manifest,
     key: str,
     fetched: list[FetchedInputs | str],
@@ -174,7 +176,6 @@ def preflight(
     (with those of inputs that could not be fetched)."""
     from emo.bundle import read_bundle_info
 
-    settings = svc.settings
     bundle = read_bundle_info(weights)
     config = bundle.config
     check_frame_layout(settings, config.clip_frames, config.motion_frames)
@@ -193,10 +194,8 @@ def preflight(
             model_steps=config.steps,
             model_guidance=config.guidance_scale,
         )
-        limits = _over_limits(params.steps, params.segment_seconds, settings, config.clip_frames)
-        if limits:
-            problems.extend(f"{place}: {problem}" for problem in limits)
-            continue
+        over = _over_limits(params.steps, params.segment_seconds, settings, config.clip_frames)
+        problems.extend(f"{place}: {problem}" for problem in over)
         try:
             pixels = media.load_image(inputs.image)
             region = portrait_region(pixels, params, Path(job.image).name)
@@ -208,6 +207,8 @@ def preflight(
             for local, uri in ((inputs.image, inputs.image_uri), (inputs.audio, inputs.audio_uri)):
                 message = message.replace(str(local), uri)  # name the user's file, not our copy
             problems.append(f"{place}: {message}")
+            continue
+        if over:
             continue
 
         clips = -(
@@ -233,6 +234,7 @@ def preflight(
                 inputs=inputs,
                 seconds=samples.size / settings.sample_rate,
                 clips=clips,
+                steps=params.steps,
                 estimate_seconds=estimate_seconds(clips, params.steps, config.name),
                 face=region.source,
             )
@@ -380,7 +382,7 @@ def _register(
     register it. The submit's copies of the inputs are removed however it ends."""
     scratch = _submit_scratch(svc, sha)
     try:
-        fetched = fetch_inputs(svc, parsed, scratch, base)
+        fetched = fetch_inputs(svc.settings, parsed, scratch, base)
         hashes = [
             (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
         ]
@@ -391,7 +393,7 @@ def _register(
             restore_inputs(svc, existing.id, fetched)
             return existing, False
         weights = resolve_weights(svc.settings)
-        prepared = preflight(svc, parsed, key, fetched, weights, source)
+        prepared = preflight(svc.settings, parsed, key, fetched, weights, source)
         specs = upload_inputs(svc, prepared, weights)
         with svc.sessions() as session:
             return register_batch(
@@ -399,6 +401,26 @@ def _register(
             )
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+
+
+def validate_manifest(
+    source: str, settings: Settings, base: str | None = None
+) -> tuple[Manifest, list[PreparedJob]]:
+    """Everything a submit checks before registering (the manifest, fetching and decoding
+    every input, faces, limits, the estimate), touching neither the job database nor the
+    store: ``emo validate``. Raises ``ManifestError`` listing every problem."""
+    data, manifest_dir = read_source(source, settings)
+    parsed, sha = parse_manifest(data, source=source)
+    scratch_root = settings.home / "scratch"
+    scratch_root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="validate-", dir=scratch_root) as scratch:
+        fetched = fetch_inputs.fn(settings, parsed, Path(scratch), base or manifest_dir)
+        hashes = [
+            (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
+        ]
+        weights = resolve_weights(settings)
+        prepared = preflight.fn(settings, parsed, batch_key(sha, hashes), fetched, weights, source)
+    return parsed, prepared
 
 
 @flow(name="submit-batch", flow_run_name="submit {manifest}")
@@ -410,7 +432,7 @@ def submit_batch(
     ``base`` is where relative input paths are resolved (default: next to the manifest).
     """
     svc = services()
-    data, manifest_dir = read_source(manifest, svc)
+    data, manifest_dir = read_source(manifest, svc.settings)
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)

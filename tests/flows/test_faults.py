@@ -11,7 +11,6 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -251,6 +250,4 @@ def test_an_unreachable_store_is_not_a_bad_manifest(studio: Studio, tmp_path: Pa
     )
     parsed, _ = parse_manifest(data, source="far.yaml")
     with pytest.raises(StoreUnavailable):
-        fetch_inputs.fn(
-            replace(svc, settings=settings), parsed, tmp_path / "scratch", str(tmp_path)
-        )
+        fetch_inputs.fn(settings, parsed, tmp_path / "scratch", str(tmp_path))

@@ -181,12 +181,12 @@ def test_the_studio_limits_are_checked_before_anything_is_registered(
     with pytest.raises(ManifestError) as caught:
         submit_batch(manifest=str(path))
     text = str(caught.value)
-    assert len(caught.value.problems) == 4, text
+    assert len(caught.value.problems) == 6, text  # every problem of every job, at once
     assert "job 'many-steps' (row 3): steps 60 is above 50" in text and "EMO_MAX_STEPS" in text
     assert "job 'tiny-segments' (row 4): segment_seconds 0.01 is shorter than one clip" in text
-    # The image limit is met first by every job that gets to decoding; its message names the
-    # user's file, not emo's copy.
-    assert text.count("more than 1,000 pixels") == 2 and str(studio.portrait) in text
+    # The image limit is met first when decoding; its message names the user's file, not
+    # emo's copy of it.
+    assert text.count("more than 1,000 pixels") == 4 and str(studio.portrait) in text
     with _session(studio) as session:
         assert list(session.scalars(select(Batch))) == []
     monkeypatch.setenv("EMO_MAX_IMAGE_PIXELS", "100000")

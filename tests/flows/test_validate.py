@@ -1,0 +1,92 @@
+"""`emo validate`: every check of a submit, with nothing registered or stored."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+from typer.testing import CliRunner
+
+from emo.cli import app
+from emo.manifest import ManifestError
+from tests.conftest import run_emo
+
+ASSETS = Path(__file__).resolve().parents[2] / "emo" / "assets"
+BOX = [0.2, 0.15, 0.8, 0.85]
+
+
+def _studio_folder(tmp_path: Path) -> Path:
+    """A manifest's folder with a portrait and a vocal track beside it (relative inputs)."""
+    folder = tmp_path / "inbox"
+    folder.mkdir()
+    shutil.copy(ASSETS / "demo_portrait.png", folder / "anna.png")
+    shutil.copy(ASSETS / "demo_vocal.wav", folder / "song.wav")
+    (folder / "notes.wav").write_text("ffconcat version 1.0\nfile 'song.wav'\n")
+    return folder
+
+
+def _write(folder: Path, jobs: list[dict]) -> Path:
+    path = folder / "batch.yaml"
+    path.write_text(yaml.safe_dump({"name": "spring", "jobs": jobs}))
+    return path
+
+
+def _nothing_written(home: Path) -> None:
+    """No job database, no store, and no copies of the inputs left behind."""
+    assert not (home / "emo.db").exists() and not (home / "store").exists()
+    scratch = home / "scratch"
+    assert not scratch.exists() or not any(scratch.iterdir())
+
+
+def test_a_valid_manifest_prints_its_jobs_and_estimate_and_registers_nothing(
+    tmp_path: Path,
+) -> None:
+    folder = _studio_folder(tmp_path)
+    jobs = [
+        {"name": "anna", "image": "anna.png", "audio": "song.wav", "face_box": BOX, "steps": 10},
+        {"name": "anna-long", "image": "anna.png", "audio": "song.wav", "face_box": BOX},
+    ]
+    result = CliRunner().invoke(app, ["validate", str(_write(folder, jobs)), "--json"])
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["name"] == "spring" and [j["job"] for j in report["jobs"]] == [
+        "anna",
+        "anna-long",
+    ]
+    short, default = report["jobs"]
+    assert short["seconds"] == 10.0 and short["clips"] == default["clips"] > 0
+    assert short["steps"] == 10 and default["steps"] > 10  # the bundle's own default
+    assert default["estimate_seconds"] > short["estimate_seconds"] > 0
+    assert report["estimate_seconds"] == round(
+        short["estimate_seconds"] + default["estimate_seconds"], 1
+    )
+    _nothing_written(tmp_path / "emo-home")
+
+
+def test_every_problem_is_listed_and_nothing_is_written(tmp_path: Path) -> None:
+    folder = _studio_folder(tmp_path)
+    jobs = [
+        {"name": "fine", "image": "anna.png", "audio": "song.wav", "face_box": BOX},
+        {"name": "greedy", "image": "anna.png", "audio": "song.wav", "face_box": BOX, "steps": 900},
+        {"name": "sneaky", "image": "anna.png", "audio": "notes.wav", "face_box": BOX},
+        {"name": "swapped", "image": "song.wav", "audio": "anna.png", "face_box": BOX},
+    ]
+    result = CliRunner().invoke(app, ["validate", str(_write(folder, jobs))])
+    assert isinstance(result.exception, ManifestError), result.output
+    problems = result.exception.problems
+    assert len(problems) == 3, problems
+    assert "job 'greedy' (row 2): steps 900 is above 200" in problems[0]
+    assert "job 'sneaky' (row 3): audio file" in problems[1] and "notes.wav" in problems[1]
+    assert "job 'swapped' (row 4): image file" in problems[2] and "song.wav" in problems[2]
+    _nothing_written(tmp_path / "emo-home")
+
+
+def test_the_command_exits_2_with_the_list_and_no_traceback(tmp_path: Path) -> None:
+    folder = _studio_folder(tmp_path)
+    jobs = [{"name": "sneaky", "image": "anna.png", "audio": "notes.wav", "face_box": BOX}]
+    result = run_emo("validate", str(_write(folder, jobs)), timeout=120)
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr and "notes.wav" in result.stderr
+    assert "is not in a format emo reads" in result.stderr
