@@ -342,7 +342,10 @@ def chaos(seed: int, jobs: int, faults: int, seconds: float, timeout: float) -> 
     os.chmod(root, 0o755)
     print(f"the farm's folder: {root}", flush=True)
     started = time.monotonic()
-    farm = start_farm(root, settings=SETTINGS)
+    # The batch's inputs are files of this machine: the farm says where inputs may come
+    # from, so the nightly fault's inbox copy of the manifest (absolute paths) is accepted.
+    roots = f"{ROOT / 'emo' / 'assets'}:{root}"
+    farm = start_farm(root, settings={**SETTINGS, "EMO_INPUT_ROOTS": roots})
     os.environ.update(farm.env)
     os.environ["EMO_HOME"] = str(root / "home-chaos")
     run = Run(farm=farm, rng=rng)

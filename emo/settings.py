@@ -98,6 +98,15 @@ class Settings(BaseSettings):
     max_image_pixels: int = Field(
         50_000_000, ge=1, le=2_000_000_000, description="largest portrait (width x height)"
     )
+    input_roots: str | None = Field(
+        None,
+        description="folders (':'-separated) local inputs may come from; unset: anywhere, "
+        "empty: none",
+    )
+    input_buckets: str | None = Field(
+        None,
+        description="buckets (','-separated) s3:// inputs may come from; unset: any, empty: none",
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     qc_max_seam_jitter: float = Field(1.3, gt=0, description="QC warning above this")

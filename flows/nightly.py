@@ -68,7 +68,9 @@ def nightly(inbox: str = "inbox/", retry_failed: bool = True) -> dict[str, Any]:
     for source in list_inbox(svc, inbox):
         name = source.rsplit("/", 1)[-1]
         try:  # one manifest at a time, whatever the others do
-            batch = submit_batch(manifest=svc.store.uri(source), base=base, render=False)
+            batch = submit_batch(
+                manifest=svc.store.uri(source), base=base, render=False, inbox=True
+            )
         except (StoreUnavailable, StoreAuthError) as error:  # the store's fault: try again
             log.error("nightly: manifest %s stays in the inbox: %s", source, error)
             result["rejected"].append({"manifest": source, "error": f"will retry: {error}"})

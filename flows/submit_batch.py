@@ -32,6 +32,7 @@ from db.batches import JobSpec, find_batch, register_batch
 from db.dispatch import record_submit_run
 from db.models import Batch, Job, JobStatus
 from emo import media
+from emo.confine import input_problem
 from emo.errors import EmoError, ObjectNotFound, StoreAuthError, StoreUnavailable
 from emo.manifest import Manifest, ManifestError, parse_manifest
 from emo.plan import frame_count
@@ -104,14 +105,23 @@ def _resolve(uri: str, base: str) -> str:
 
 @task(cache_policy=NO_CACHE)
 def fetch_inputs(
-    settings: Settings, manifest: Manifest, scratch: Path, base: str
+    settings: Settings, manifest: Manifest, scratch: Path, base: str, inbox: bool = False
 ) -> list[FetchedInputs | str]:
     """Copy every job's image and audio locally and hash the copies (what the job renders is
-    what was hashed); a job whose inputs cannot be fetched gets its problem instead."""
+    what was hashed); a job whose inputs cannot be fetched, or may not be read from where
+    they are (``emo.confine``), gets its problem instead."""
     fetched: list[FetchedInputs | str] = []
     for row, job in enumerate(manifest.jobs, start=1):
         folder = scratch / f"{row:05d}"
         image_uri, audio_uri = _resolve(job.image, base), _resolve(job.audio, base)
+        refused = [
+            f"job {job.name!r} (row {row}): {kind} {problem}"
+            for kind, uri in (("image", job.image), ("audio", job.audio))
+            if (problem := input_problem(uri, settings=settings, inbox=inbox))
+        ]
+        if refused:
+            fetched.append("; ".join(refused))
+            continue
         try:
             image, audio = (
                 fetch(uri, folder / kind / _name(uri), base_dir=Path(base), settings=settings)
@@ -376,13 +386,13 @@ def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
 
 
 def _register(
-    svc: Services, parsed: Manifest, sha: str, base: str, source: str
+    svc: Services, parsed: Manifest, sha: str, base: str, source: str, inbox: bool
 ) -> tuple[Batch, bool]:
     """Fetch and hash the inputs; find the batch of this content, or pre-flight, store and
     register it. The submit's copies of the inputs are removed however it ends."""
     scratch = _submit_scratch(svc, sha)
     try:
-        fetched = fetch_inputs(svc.settings, parsed, scratch, base)
+        fetched = fetch_inputs(svc.settings, parsed, scratch, base, inbox)
         hashes = [
             (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
         ]
@@ -404,7 +414,7 @@ def _register(
 
 
 def validate_manifest(
-    source: str, settings: Settings, base: str | None = None
+    source: str, settings: Settings, base: str | None = None, inbox: bool = False
 ) -> tuple[Manifest, list[PreparedJob]]:
     """Everything a submit checks before registering (the manifest, fetching and decoding
     every input, faces, limits, the estimate), touching neither the job database nor the
@@ -414,7 +424,7 @@ def validate_manifest(
     scratch_root = settings.home / "scratch"
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="validate-", dir=scratch_root) as scratch:
-        fetched = fetch_inputs.fn(settings, parsed, Path(scratch), base or manifest_dir)
+        fetched = fetch_inputs.fn(settings, parsed, Path(scratch), base or manifest_dir, inbox)
         hashes = [
             (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
         ]
@@ -425,18 +435,23 @@ def validate_manifest(
 
 @flow(name="submit-batch", flow_run_name="submit {manifest}")
 def submit_batch(
-    manifest: str, output_dir: str | None = None, render: bool = True, base: str | None = None
+    manifest: str,
+    output_dir: str | None = None,
+    render: bool = True,
+    base: str | None = None,
+    inbox: bool = False,
 ) -> dict[str, Any]:
     """Validate, pre-flight, register and dispatch one manifest; publish the batch table.
 
-    ``base`` is where relative input paths are resolved (default: next to the manifest).
+    ``base`` is where relative input paths are resolved (default: next to the manifest);
+    ``inbox`` confines inputs to it (a manifest dropped in the inbox, ``emo.confine``).
     """
     svc = services()
     data, manifest_dir = read_source(manifest, svc.settings)
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)
-    batch, created = _register(svc, parsed, sha, base, manifest)
+    batch, created = _register(svc, parsed, sha, base, manifest, inbox)
     if deployment.id is not None and flow_run.parent_flow_run_id is None:
         # A submit-batch deployment run of its own (not nightly's): cancelling it in the UI
         # cancels the batch, jobs the sweep dispatched again included.

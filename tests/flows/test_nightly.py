@@ -61,6 +61,23 @@ def test_inbox_manifests_are_processed_once_each(studio: Studio) -> None:
         assert {j.status for j in session.scalars(select(Job))} == {JobStatus.SUCCEEDED}
 
 
+def test_an_inbox_manifest_may_read_only_files_beside_it(studio: Studio) -> None:
+    """A manifest dropped in the inbox that names a file of the host running nightly (here the
+    studio's portrait, by absolute path) is rejected with a note; nothing is registered."""
+    store = studio.store
+    store.put_file("inbox/vocal.wav", studio.vocal)
+    jobs = [{"name": "peek", "image": str(studio.portrait), "audio": "vocal.wav"}]
+    store.put_bytes("inbox/peek.yaml", yaml.safe_dump({"name": "peek", "jobs": jobs}).encode())
+    report = nightly(inbox="inbox/")
+    [rejected] = report["rejected"]
+    assert "job 'peek' (row 1): image" in rejected["error"]
+    assert "is outside the folders inputs may come from" in rejected["error"]
+    [note] = [i.key for i in store.list("rejected/") if i.key.endswith(".error.txt")]
+    assert "EMO_INPUT_ROOTS" in store.get_bytes(note).decode()
+    with session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))() as session:
+        assert list(session.scalars(select(Batch))) == []
+
+
 def test_nightly_retries_failed_jobs_under_their_limit(studio: Studio, tmp_path: Path) -> None:
     result = submit_batch(
         manifest=str(manifest(tmp_path / "retry.yaml", studio, ["flaky"], steps=2)), render=False

@@ -6,6 +6,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 import yaml
 from typer.testing import CliRunner
 
@@ -90,3 +91,39 @@ def test_the_command_exits_2_with_the_list_and_no_traceback(tmp_path: Path) -> N
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "notes.wav" in result.stderr
     assert "is not in a format emo reads" in result.stderr
+
+
+def test_inputs_outside_the_allowed_places_are_refused_naming_the_row(
+    tmp_path: Path, monkeypatch
+) -> None:
+    from emo.settings import get_settings
+    from flows.submit_batch import validate_manifest
+
+    folder = _studio_folder(tmp_path)
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    shutil.copy(folder / "song.wav", elsewhere / "song.wav")
+    jobs = [
+        {"name": "beside", "image": "anna.png", "audio": "song.wav", "face_box": BOX},
+        {"name": "far", "image": "anna.png", "audio": str(elsewhere / "song.wav"), "face_box": BOX},
+    ]
+    path = _write(folder, jobs)
+    # A user's own submit reads their files anywhere ...
+    _, prepared = validate_manifest(str(path), get_settings())
+    assert [job.spec.name for job in prepared] == ["beside", "far"]
+    # ... a manifest from the inbox only those beside it ...
+    with pytest.raises(ManifestError) as caught:
+        validate_manifest(str(path), get_settings(), inbox=True)
+    assert caught.value.problems == [
+        f"job 'far' (row 2): audio {str(elsewhere / 'song.wav')!r} is outside the folders inputs "
+        "may come from (allowed: none; EMO_INPUT_ROOTS); put it beside the manifest"
+    ]
+    # ... and EMO_INPUT_ROOTS confines every submit.
+    monkeypatch.setenv("EMO_INPUT_ROOTS", str(folder))
+    get_settings.cache_clear()
+    result = CliRunner().invoke(app, ["validate", str(path)])
+    assert isinstance(result.exception, ManifestError)
+    assert result.exception.problems[0].startswith("job 'far' (row 2): audio")
+    monkeypatch.setenv("EMO_INPUT_ROOTS", f"{folder}:{elsewhere}")
+    get_settings.cache_clear()
+    assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0

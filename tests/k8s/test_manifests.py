@@ -95,6 +95,9 @@ def test_overlays_put_everything_in_their_namespace(overlay: str, namespace: str
         if c["name"] in ("worker", "migrate", "setup") and "minio" not in c["image"]
     }
     assert images == {config["EMO_IMAGE"]}  # workers and flow-run pods use one image
+    # Inputs come from the studio's bucket only, never from a pod's own files.
+    assert config["EMO_INPUT_BUCKETS"] == "emo" and config["EMO_INPUT_ROOTS"] == ""
+    assert config["EMO_STORE_URL"].startswith("s3://emo/")
 
 
 def test_worker_role_is_namespaced_and_least_privilege() -> None:
