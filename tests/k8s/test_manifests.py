@@ -240,6 +240,54 @@ def test_only_the_namespace_reaches_the_stores() -> None:
     assert not [r for r in resources if r["kind"] == "Service" and r["spec"].get("type")]
 
 
+def _egress_of(policies: list[dict[str, Any]], labels: dict[str, str]) -> set[tuple]:
+    """Where a pod with ``labels`` may connect, as (peer, protocol, port) rows; ``None`` peer
+    or port means any. Only Egress policies selecting the pod count (NetworkPolicies add up)."""
+    allowed: set[tuple] = set()
+    for spec in policies:
+        selector = spec["podSelector"].get("matchLabels", {})
+        if "Egress" not in spec["policyTypes"] or not selector.items() <= labels.items():
+            continue
+        for rule in spec.get("egress", []):
+            peers = [json.dumps(peer, sort_keys=True) for peer in rule.get("to", [])] or [None]
+            ports = [(p["protocol"], p["port"]) for p in rule.get("ports", [])] or [(None, None)]
+            allowed |= {(peer, *port) for peer in peers for port in ports}
+    return allowed
+
+
+def test_pods_reach_only_dns_the_stores_and_prefect() -> None:
+    resources = render("overlays/prod")
+    policies = [r["spec"] for r in resources if r["kind"] == "NetworkPolicy"]
+    # Egress is denied by default to every pod of the namespace.
+    assert {"podSelector": {}, "policyTypes": ["Egress"]} in policies
+
+    def pod(name: str) -> str:
+        return json.dumps({"podSelector": {"matchLabels": {"app.kubernetes.io/name": name}}})
+
+    dns = json.dumps(
+        {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": "kube-system"}}}
+    )
+    services = {
+        (dns, "UDP", 53),
+        (dns, "TCP", 53),
+        (pod("emo-postgres"), "TCP", 5432),
+        (pod("emo-minio"), "TCP", 9000),
+        (pod("prefect-server"), "TCP", 4200),
+    }
+    # A flow-run pod (labels Prefect chooses) and every workload but the workers: no more.
+    assert _egress_of(policies, {"prefect.io/flow-run-id": "x"}) == services
+    for r in resources:
+        if r["kind"] not in WORKLOADS:
+            continue
+        name = f"{r['kind']}/{r['metadata']['name']}"
+        labels = r["spec"]["template"].get("metadata", {}).get("labels", {})
+        extra = _egress_of(policies, labels) - services
+        if labels.get("app.kubernetes.io/name") == "prefect-worker":
+            assert extra == {(None, "TCP", 443), (None, "TCP", 6443)}, name  # the API server
+        else:
+            assert extra == set(), (name, extra)
+
+
 def test_nothing_is_pulled_by_a_floating_tag_in_prod() -> None:
     images = {
         c["image"] for _, spec in pod_specs(render("overlays/prod")) for c in spec["containers"]
