@@ -28,9 +28,48 @@ def _session(studio: Studio):
     return session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))()
 
 
-def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
+CANARY = "pw-canary-7f3a9"  # the job database's password in this test: never printed or stored
+
+
+def _with_password(url: str) -> str:
+    """The database URL with a password (trust authentication ignores it)."""
+    from sqlalchemy.engine import make_url
+
+    return make_url(url).set(password=CANARY).render_as_string(hide_password=False)
+
+
+def _secrets_left(studio: Studio, output_dir: Path, secrets: list[str]) -> list[str]:
+    """Where any of ``secrets`` appears: the store's text objects, the output folder, the job
+    events, and the Prefect server's flow runs (parameters), logs and artifacts."""
     from prefect.client.orchestration import get_client
 
+    texts: dict[str, str] = {}
+    for item in studio.store.list(""):
+        if item.key.endswith((".json", ".txt", ".yaml", ".md")):
+            texts[f"store:{item.key}"] = studio.store.get_bytes(item.key).decode(errors="replace")
+    for path in output_dir.rglob("*"):
+        if path.suffix in (".json", ".txt"):
+            texts[f"file:{path}"] = path.read_text(errors="replace")
+    with _session(studio) as session:
+        for event in session.scalars(select(Event)):
+            texts[f"event:{event.id}"] = f"{event.reason} {json.dumps(event.detail)}"
+    with get_client(sync_client=True) as client:
+        for run in client.read_flow_runs(limit=200):
+            texts[f"run:{run.id}"] = json.dumps(run.parameters, default=str) + str(run.state)
+        for log in client.read_logs(limit=200):
+            texts[f"log:{log.id}"] = log.message
+        for artifact in client.read_artifacts(limit=200):
+            texts[f"artifact:{artifact.key}"] = json.dumps(artifact.data, default=str)
+    return [where for where, text in texts.items() for secret in secrets if secret in text]
+
+
+def test_three_segment_job_end_to_end(
+    studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from prefect.client.orchestration import get_client
+
+    monkeypatch.setenv("EMO_DATABASE_URL", _with_password(studio.env["EMO_DATABASE_URL"]))
+    clear_caches()
     result = submit_batch(
         manifest=str(manifest(tmp_path / "one.yaml", studio, ["solo"])),
         output_dir=str(tmp_path / "out"),
@@ -68,6 +107,9 @@ def test_three_segment_job_end_to_end(studio: Studio, tmp_path: Path) -> None:
         checkpoint = read_segment_checkpoint(studio.store, job_id=job_id, index=segment.index)
         assert checkpoint is not None and checkpoint.manifest_sha256 == segment.manifest_sha256
     assert studio.store.exists(f"{out}qc.json")
+    # Nothing the render wrote or reported carries the database password or the S3 secret.
+    secret_key = studio.env["EMO_S3_SECRET_KEY"]
+    assert _secrets_left(studio, tmp_path / "out", [CANARY, secret_key]) == []
     assert studio.store.exists(f"{out}sidecar.json")
     assert studio.store.exists(f"bundles/{job.weights_sha256}/emo.json")  # pinned copy
 
