@@ -49,6 +49,14 @@ class Settings(BaseSettings):
     s3_secret_key: SecretStr | None = None
     s3_secure: bool = Field(True, description="use TLS to reach the S3 endpoint")
     s3_region: str | None = None
+    s3_public_endpoint: str | None = Field(
+        None,
+        description="address users reach the store at (host:port, or https://host); download "
+        "links are signed for it",
+    )
+    link_seconds: int = Field(
+        86400, ge=60, le=7 * 86400, description="lifetime of download links in artifacts"
+    )
     store_retries: int = Field(5, ge=0, le=20, description="retries of a transient store failure")
     store_backoff_seconds: float = Field(0.5, gt=0, le=60, description="first retry delay")
     weights: str | None = Field(None, description="bundle directory or s3:// prefix")

@@ -862,7 +862,7 @@ def _finish(
     )
     create_link_artifact(
         key=f"{key}-video",
-        link=svc.store.url_for(final_key),
+        link=svc.store.url_for(final_key, expires_seconds=svc.settings.link_seconds),
         link_text=f"{job.name}{final.suffix}",
         description=f"final video of {job.batch_name}/{job.name}",
     )

@@ -40,5 +40,6 @@ def open_store(url: str | None = None, settings: Settings | None = None) -> Obje
             region=settings.s3_region,
             retries=settings.store_retries,
             backoff_seconds=settings.store_backoff_seconds,
+            public_endpoint=settings.s3_public_endpoint,
         )
     raise SettingsError(f"EMO_STORE_URL: unsupported store URL {url!r}; use file:// or s3://")

@@ -101,7 +101,7 @@ class ObjectStore(ABC):
         """Hex sha256 of the stored bytes of ``key`` (read back, not remembered)."""
 
     @abstractmethod
-    def url_for(self, key: str, expires_seconds: int = 7 * 24 * 3600) -> str:
+    def url_for(self, key: str, expires_seconds: int = 24 * 3600) -> str:
         """A URL a person or program can open: presigned for S3, ``file://`` for local."""
 
     def exists(self, key: str) -> bool:

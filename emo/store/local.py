@@ -121,5 +121,5 @@ class LocalStore(ObjectStore):
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"no object {self.uri(key)}") from None
 
-    def url_for(self, key: str, expires_seconds: int = 7 * 24 * 3600) -> str:
+    def url_for(self, key: str, expires_seconds: int = 24 * 3600) -> str:
         return self._path(key).as_uri()

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from datetime import timedelta
 from pathlib import Path
 from typing import TypeVar
+from urllib.parse import urlparse
 
 import urllib3
 from minio import Minio
@@ -60,6 +61,7 @@ class S3Store(ObjectStore):
         retries: int = 5,
         backoff_seconds: float = 0.5,
         timeout_seconds: float = 60.0,
+        public_endpoint: str | None = None,
     ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/") + "/" if prefix.strip("/") else ""
@@ -81,6 +83,19 @@ class S3Store(ObjectStore):
             region=region,
             http_client=http,
         )
+        # Links for people are signed for the address they reach (a URL's host is part of its
+        # signature). Signing is local: the region is given so no request is made to find it.
+        self.public = self.client
+        if public_endpoint:
+            address = public_endpoint if "://" in public_endpoint else f"//{public_endpoint}"
+            public = urlparse(address)
+            self.public = Minio(
+                public.netloc,
+                access_key=access_key,
+                secret_key=secret_key,
+                secure=public.scheme == "https" if public.scheme else secure,
+                region=region or "us-east-1",
+            )
 
     # -- retry and error translation -------------------------------------------------------
 
@@ -213,8 +228,8 @@ class S3Store(ObjectStore):
     def sha256(self, key: str) -> str:
         return self._read(key, sha256_stream)
 
-    def url_for(self, key: str, expires_seconds: int = 7 * 24 * 3600) -> str:
+    def url_for(self, key: str, expires_seconds: int = 24 * 3600) -> str:
         name = self._name(key)
-        return self.client.presigned_get_object(
+        return self.public.presigned_get_object(
             self.bucket, name, expires=timedelta(seconds=expires_seconds)
         )

@@ -69,6 +69,7 @@ def test_three_segment_job_end_to_end(
     from prefect.client.orchestration import get_client
 
     monkeypatch.setenv("EMO_DATABASE_URL", _with_password(studio.env["EMO_DATABASE_URL"]))
+    monkeypatch.setenv("EMO_LINK_SECONDS", "3600")
     clear_caches()
     result = submit_batch(
         manifest=str(manifest(tmp_path / "one.yaml", studio, ["solo"])),
@@ -147,6 +148,7 @@ def test_three_segment_job_end_to_end(
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert qc.type == "table" and "seam_jitter" in json.dumps(qc.data)
     assert f"{out}final.mp4" in str(video.data)  # a link to the final video
+    assert "X-Amz-Expires=3600&" in str(video.data)  # valid for EMO_LINK_SECONDS
     rows = json.loads(table.data) if isinstance(table.data, str) else table.data
     assert rows[0]["job"] == "solo" and rows[0]["status"] == "succeeded"
     assert {"job", "status", "duration_s", "qc", "output"} <= set(rows[0])

@@ -76,6 +76,35 @@ def test_url_opens_the_object(store: ObjectStore) -> None:
         assert response.read() == b"video bytes"
 
 
+def test_links_are_signed_for_the_public_address_and_last_a_day(
+    weed: WeedServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Users reach the store at another address than the workers (here the same server by
+    the name localhost): a link signed for it opens there, and lasts EMO_LINK_SECONDS."""
+    from urllib.parse import parse_qs, urlparse
+
+    inner = weed.s3_store(prefix="links")
+    inner.ensure_bucket()
+    port = weed.endpoint.rsplit(":", 1)[1]
+    for name, value in {
+        "EMO_STORE_URL": f"s3://{inner.bucket}/links",
+        "EMO_S3_ENDPOINT": weed.endpoint,
+        "EMO_S3_PUBLIC_ENDPOINT": f"http://localhost:{port}",
+        "EMO_S3_ACCESS_KEY": weed.access_key,
+        "EMO_S3_SECRET_KEY": weed.secret_key,
+        "EMO_S3_SECURE": "false",
+    }.items():
+        monkeypatch.setenv(name, value)
+    store = open_store(settings=load_settings())
+    store.put_bytes("jobs/j/final.mp4", b"video bytes")
+    link = store.url_for("jobs/j/final.mp4")
+    assert link.startswith(f"http://localhost:{port}/{inner.bucket}/links/jobs/j/final.mp4?")
+    assert parse_qs(urlparse(link).query)["X-Amz-Expires"] == ["86400"]  # a day by default
+    with urlopen(link) as response:
+        assert response.read() == b"video bytes"
+    assert "127.0.0.1" in inner.url_for("jobs/j/final.mp4")  # without one: the workers' address
+
+
 @pytest.mark.parametrize("key", ["", "/abs", "../escape", "a/../../b", "a//b", "./a"])
 def test_unsafe_keys_are_refused(store: ObjectStore, key: str) -> None:
     with pytest.raises(StoreError, match="invalid object key"):
