@@ -23,6 +23,7 @@ from emo.cli_jobs import register as register_job_commands
 from emo.cli_ops import register as register_ops_commands
 from emo.cli_training import register as register_training_commands
 from emo.errors import EmoError, SettingsError
+from emo.quiet import quiet_console
 from emo.settings import get_settings, hide_password
 
 app = typer.Typer(
@@ -36,6 +37,20 @@ app.add_typer(db_app, name="db")
 weights_app = typer.Typer(help="Weights bundles: build and inspect.", no_args_is_help=True)
 app.add_typer(weights_app, name="weights")
 console = Console()
+
+
+@app.callback()
+def _options(
+    verbose: Annotated[
+        bool,
+        typer.Option(
+            "-v", "--verbose", help="also show Prefect's run logs and the libraries' messages"
+        ),
+    ] = False,
+) -> None:
+    """EMO talking/singing portrait video generation and batch production."""
+    if not verbose:
+        quiet_console()
 
 
 @app.command()

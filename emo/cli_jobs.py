@@ -25,7 +25,8 @@ from rich.table import Table
 
 from emo import progress
 from emo.embedded_prefect import watch_ephemeral_servers
-from emo.errors import EmoError, NotFound, SettingsError
+from emo.errors import EmoError, InputError, NotFound, SettingsError
+from emo.manifest import ManifestError
 from emo.settings import get_settings
 
 console = Console(soft_wrap=True)  # paths and URLs stay on one line, copyable
@@ -171,7 +172,11 @@ def render(
         "face_policy": face_policy,
     }
     manifest = _job_manifest(image, audio, _safe_name(output.stem), options)
-    registered = submit_batch(manifest=str(manifest), render=False)
+    try:
+        registered = submit_batch(manifest=str(manifest), render=False)
+    except ManifestError as error:  # the manifest is emo's own: speak of the user's files
+        problems = [p.split("): ", 1)[1] if p.startswith("job ") else p for p in error.problems]
+        raise InputError("; ".join(problems)) from None
     job_id = next(iter(registered["jobs"].values()))
     if weights is not None:
         _require_pinned(job_id, weights)

@@ -20,6 +20,12 @@ class SettingsError(EmoError):
     exit_code = 2
 
 
+class InputError(EmoError):
+    """A user's input (a file, an option) cannot be used; the message says which and why."""
+
+    exit_code = 2
+
+
 class MediaError(EmoError):
     """An image, audio or video file cannot be used; the message names the file."""
 

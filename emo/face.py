@@ -16,6 +16,7 @@ from enum import StrEnum
 import numpy as np
 
 from emo.errors import MediaError, SettingsError
+from emo.quiet import native_output_silenced
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1]
 FULL_FRAME: Box = (0.0, 0.0, 1.0, 1.0)
@@ -44,13 +45,14 @@ class FaceRegion:
 
 def detect_face(image: np.ndarray, min_confidence: float = 0.5) -> tuple[Box, float] | None:
     """The most confident face in an RGB uint8 image (H, W, 3), or None."""
-    import mediapipe as mp  # heavy import, only where faces are detected
+    with native_output_silenced():  # TensorFlow Lite's and absl's start-up lines
+        import mediapipe as mp  # heavy import, only where faces are detected
 
-    detector = mp.solutions.face_detection.FaceDetection(
-        model_selection=1, min_detection_confidence=min_confidence
-    )
-    with detector:
-        result = detector.process(np.ascontiguousarray(image))
+        detector = mp.solutions.face_detection.FaceDetection(
+            model_selection=1, min_detection_confidence=min_confidence
+        )
+        with detector:
+            result = detector.process(np.ascontiguousarray(image))
     if not result.detections:
         return None
     best = max(result.detections, key=lambda d: d.score[0])

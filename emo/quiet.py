@@ -1,0 +1,45 @@
+"""What a person at the command line sees: progress, results and one-line errors.
+
+The libraries under emo talk a lot: Prefect logs every failed task and flow with its
+traceback, and mediapipe's TensorFlow Lite and absl print start-up lines from C++. None of it
+helps someone who gave emo a bad file, so the CLI (unless ``-v``) keeps Prefect's run logs for
+the Prefect server, where the UI shows them, and silences the native chatter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+from collections.abc import Iterator
+
+_quiet = False
+
+
+def quiet_console() -> None:
+    """Flow and task run logs go to the Prefect API only; native libraries keep to errors."""
+    global _quiet
+    _quiet = True
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).propagate = False  # their own handler sends them to the API
+    os.environ.setdefault("GLOG_minloglevel", "2")
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+
+@contextlib.contextmanager
+def native_output_silenced() -> Iterator[None]:
+    """While quiet, send what C++ code writes to the process's stderr to /dev/null (Python's
+    own ``sys.stderr`` is left alone)."""
+    if not _quiet:
+        yield
+        return
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
