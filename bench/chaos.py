@@ -397,6 +397,7 @@ def chaos(seed: int, jobs: int, faults: int, seconds: float, timeout: float) -> 
         names = {job_id: job.name for job_id, job in jobs_table().items()}
         result = check(run, manifest, names)
         result.update(
+            prefect_auth_required=run.farm.prefect.requires_auth(),
             seed=seed,
             faults=dict(run.faults),
             faults_skipped=dict(run.skipped),

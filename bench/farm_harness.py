@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -104,10 +105,22 @@ class PrefectServer:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen | None = None
     lease_storage: str = "prefect.server.concurrency.lease_storage.filesystem"
+    # Basic auth as in k8s (create-secrets.sh): the server requires it, every client sends it.
+    auth_string: str = field(default_factory=lambda: f"farm:{uuid.uuid4().hex}")
 
     @property
     def api(self) -> str:
         return f"http://127.0.0.1:{self.port}/api"
+
+    def requires_auth(self) -> bool:
+        """True if the API refuses a request without the auth string and takes one with it."""
+        import httpx
+
+        url, body = f"{self.api}/flows/filter", {"limit": 1}
+        refused = httpx.post(url, json=body, timeout=10).status_code == 401
+        user, _, password = self.auth_string.partition(":")
+        taken = httpx.post(url, json=body, auth=(user, password), timeout=10).status_code == 200
+        return refused and taken
 
     def start(self, timeout: float = 180) -> None:
         import httpx
@@ -121,6 +134,7 @@ class PrefectServer:
             "PREFECT_UI_ENABLED": "false",
             # Concurrency leases on disk (PREFECT_HOME), so a restart keeps them (README).
             "PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE": self.lease_storage,
+            "PREFECT_SERVER_API_AUTH_STRING": self.auth_string,
         }
         log = open(self.home / "server.log", "ab")  # noqa: SIM115 (the child keeps it)
         self.process = subprocess.Popen(
@@ -253,6 +267,7 @@ def start_farm(root: Path, *, gpu_workers: int = 2, settings: dict[str, str] | N
     env = {
         **{k: v for k, v in os.environ.items() if not k.startswith(("EMO_", "PREFECT_"))},
         "PREFECT_API_URL": prefect.api,
+        "PREFECT_API_AUTH_STRING": prefect.auth_string,
         "EMO_DATABASE_URL": jobs_db,
         "EMO_STORE_URL": "s3://farm/studio",
         "EMO_S3_ENDPOINT": weed.endpoint,

@@ -18,6 +18,8 @@ emo_db=$(random)
 prefect_db=$(random)
 s3_key="emo-worker-$(random | cut -c1-8)"
 s3_secret=$(random)
+# The Prefect API's basic-auth string: the server requires it, every client sends it.
+prefect_auth="emo:$(random)"
 
 secret() {  # name, then key=value pairs
   name=$1
@@ -60,6 +62,8 @@ secret emo-postgres \
 secret emo-minio "MINIO_ROOT_USER=admin-$(random | cut -c1-8)" "MINIO_ROOT_PASSWORD=$(random)"
 secret emo-app \
   "EMO_DATABASE_URL=postgresql+psycopg://emo:$emo_db@emo-postgres:5432/emo" \
-  "EMO_S3_ACCESS_KEY=$s3_key" "EMO_S3_SECRET_KEY=$s3_secret"
+  "EMO_S3_ACCESS_KEY=$s3_key" "EMO_S3_SECRET_KEY=$s3_secret" \
+  "PREFECT_API_AUTH_STRING=$prefect_auth"
 secret emo-prefect \
-  "PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:$prefect_db@emo-postgres:5432/prefect"
+  "PREFECT_API_DATABASE_CONNECTION_URL=postgresql+asyncpg://prefect:$prefect_db@emo-postgres:5432/prefect" \
+  "PREFECT_SERVER_API_AUTH_STRING=$prefect_auth"

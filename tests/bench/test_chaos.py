@@ -32,4 +32,5 @@ def test_a_short_chaos_run_delivers_every_job(tmp_path: Path) -> None:
     assert result["frames_identical"] == jobs["delivered"], summary
     assert result["manifests_lost"] == 0 and result["batches"] == 1, summary
     assert result["slots_leaked"] == 0 and not result["attempts_over_limit"], summary
+    assert result["prefect_auth_required"], summary  # the farm's API refuses strangers
     assert done.returncode == 0, done.stdout[-4000:]

@@ -178,6 +178,42 @@ def secrets_script(namespace: str) -> list[dict[str, Any]]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
+def _sees_secret_key(container: dict[str, Any], secret: str, key: str) -> bool:
+    refs = [v.get("valueFrom", {}).get("secretKeyRef", {}) for v in container.get("env", [])]
+    by_name = any(r.get("name") == secret and r.get("key") == key for r in refs)
+    whole = any(e.get("secretRef", {}).get("name") == secret for e in container.get("envFrom", []))
+    return by_name or whole
+
+
+def test_the_prefect_api_requires_an_auth_string_every_client_has() -> None:
+    secrets = {s["metadata"]["name"]: s["data"] for s in secrets_script("emo")}
+    client = base64.b64decode(secrets["emo-app"]["PREFECT_API_AUTH_STRING"]).decode()
+    server = base64.b64decode(secrets["emo-prefect"]["PREFECT_SERVER_API_AUTH_STRING"]).decode()
+    assert client == server and len(client) >= 40  # one random string, made once
+    resources = render("overlays/prod")
+    config = next(r for r in resources if r["metadata"]["name"] == "emo-config")["data"]
+    assert "PREFECT_API_URL" in config
+    clients = []
+    for name, spec in pod_specs(resources):
+        for container in spec["containers"]:
+            if name == "Deployment/prefect-server":
+                key = "PREFECT_SERVER_API_AUTH_STRING"
+                assert _sees_secret_key(container, "emo-prefect", key), name
+                continue
+            uses_config = any(
+                e.get("configMapRef", {}).get("name") == "emo-config"
+                for e in container.get("envFrom", [])
+            )
+            if uses_config:  # it has PREFECT_API_URL: a Prefect client
+                clients.append(name)
+                assert _sees_secret_key(container, "emo-app", "PREFECT_API_AUTH_STRING"), name
+    assert {"Deployment/prefect-worker-gpu", "Job/emo-prefect-setup"} <= set(clients)
+    for pool in ("gpu", "cpu"):  # flow-run pods
+        job, _ = render_job(pool, {"image": "emo:dev"})
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert _sees_secret_key(container, "emo-app", "PREFECT_API_AUTH_STRING"), pool
+
+
 def test_credentials_only_through_secrets() -> None:
     secrets = secrets_script("emo")
     assert {s["metadata"]["name"] for s in secrets} == SECRETS
