@@ -324,6 +324,73 @@ def test_pods_reach_only_dns_the_stores_and_prefect() -> None:
             assert extra == set(), (name, extra)
 
 
+def _admits(policy: dict[str, Any], job: dict[str, Any], config: dict[str, str]) -> list[str]:
+    """The messages of the policy's validations a Job fails (CEL evaluated as the API server
+    would, with the ConfigMap as params)."""
+    from cel_expr_python import cel
+
+    env = cel.NewEnv(variables={n: cel.Type.DYN for n in ("object", "params", "variables")})
+    data: dict[str, Any] = {"object": job, "params": {"data": config}, "variables": {}}
+    for variable in policy["variables"]:
+        data["variables"][variable["name"]] = (
+            env.compile(variable["expression"]).eval(data=data).plain_value()
+        )
+    return [
+        rule["message"]
+        for rule in policy["validations"]
+        if env.compile(rule["expression"]).eval(data=data).value() is not True
+    ]
+
+
+def test_flow_run_jobs_are_held_to_what_the_pool_templates_make() -> None:
+    from cel_expr_python import cel
+
+    resources = render("overlays/prod")
+    (policy,) = [r["spec"] for r in resources if r["kind"] == "ValidatingAdmissionPolicy"]
+    (binding,) = [r["spec"] for r in resources if r["kind"] == "ValidatingAdmissionPolicyBinding"]
+    assert binding["validationActions"] == ["Deny"] and binding["paramRef"]["name"] == "emo-config"
+    config = next(r for r in resources if r["metadata"]["name"] == "emo-config")["data"]
+    # Only requests of the workers' service account are held to it.
+    (condition,) = policy["matchConditions"]
+    env = cel.NewEnv(variables={"request": cel.Type.DYN})
+    matches = env.compile(condition["expression"])
+    worker = "system:serviceaccount:emo:prefect-worker"
+    for user, expected in ((worker, True), ("system:serviceaccount:emo:default", False)):
+        request = {"namespace": "emo", "userInfo": {"username": user}}
+        assert matches.eval(data={"request": request}).value() is expected
+    # What the templates make passes ...
+    for pool in ("gpu", "cpu"):
+        job, _ = render_job(pool, {"image": config["EMO_IMAGE"]})
+        assert _admits(policy, job, config) == [], pool
+    # ... and each way out is refused with its reason.
+    job, _ = render_job("gpu", {"image": config["EMO_IMAGE"]})
+    pod = job["spec"]["template"]["spec"]
+    (box,) = pod["containers"]
+    attacks = {
+        "flow-run Jobs run the emo image only": lambda: box.update(image="attacker/miner:1"),
+        "`prefect flow-run execute` only": lambda: box.update(args=["sh", "-c", "env"]),
+        "read no Secret but emo-app": lambda: box["envFrom"].append(
+            {"secretRef": {"name": "emo-postgres"}}
+        ),
+        "mount no Secret": lambda: pod["volumes"].append(
+            {"name": "keys", "secret": {"secretName": "emo-minio"}}
+        ),
+        "run as emo-flow": lambda: pod.update(serviceAccountName="prefect-worker"),
+        "share nothing of the node": lambda: pod.update(hostNetwork=True),
+    }
+    for reason, attack in attacks.items():  # each attack edits the `pod`/`box` bound here
+        tampered = json.loads(json.dumps(job))
+        pod = tampered["spec"]["template"]["spec"]
+        (box,) = pod["containers"]
+        attack()
+        refused = _admits(policy, tampered, config)
+        assert len(refused) == 1 and reason in refused[0], (reason, refused)
+    secret_env = {"name": "K", "valueFrom": {"secretKeyRef": {"name": "emo-prefect", "key": "x"}}}
+    tampered = json.loads(json.dumps(job))
+    tampered["spec"]["template"]["spec"]["containers"][0]["env"].append(secret_env)
+    assert _admits(policy, tampered, config) == ["flow-run Jobs read no Secret but emo-app"]
+
+
 def test_nothing_is_pulled_by_a_floating_tag_in_prod() -> None:
     images = {
         c["image"] for _, spec in pod_specs(render("overlays/prod")) for c in spec["containers"]
