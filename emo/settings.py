@@ -11,6 +11,7 @@ An invalid value raises ``SettingsError`` naming the environment variable, at st
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -21,6 +22,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from emo.errors import SettingsError
 
 ENV_PREFIX = "EMO_"
+ENDPOINT = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?")  # host[:port]
+BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
 
 
@@ -39,7 +42,9 @@ def hide_password(value: str) -> str:
 class Settings(BaseSettings):
     """Every knob of emo; each field ``x`` is read from ``EMO_X``."""
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, extra="ignore", frozen=True)
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, extra="ignore", frozen=True, allow_inf_nan=False
+    )
 
     home: Path = Field(Path("~/.emo"), description="data directory; embedded defaults live here")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default SQLite in home")
@@ -125,6 +130,69 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser().absolute()
+
+    @field_validator("database_url", mode="after")
+    @classmethod
+    def _check_database_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        from sqlalchemy.engine import make_url
+        from sqlalchemy.exc import ArgumentError
+
+        try:
+            make_url(value)
+        except ArgumentError:
+            raise ValueError(
+                "not a database URL; use postgresql://user:password@host:5432/emo or "
+                "sqlite:////abs/path/emo.db"
+            ) from None
+        return value
+
+    @field_validator("s3_endpoint", mode="after")
+    @classmethod
+    def _check_endpoint(cls, value: str | None) -> str | None:
+        if value is not None and not ENDPOINT.fullmatch(value):
+            raise ValueError("give host:port (no scheme, no path), e.g. minio:9000")
+        return value
+
+    @field_validator("s3_public_endpoint", mode="after")
+    @classmethod
+    def _check_public_endpoint(cls, value: str | None) -> str | None:
+        if value is not None:
+            bare = value.split("://", 1)[1] if value.startswith(("http://", "https://")) else value
+            if not ENDPOINT.fullmatch(bare.rstrip("/")):
+                raise ValueError("give host:port or https://host, e.g. https://files.studio.com")
+        return value
+
+    @field_validator("device", mode="after")
+    @classmethod
+    def _check_device(cls, value: str) -> str:
+        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
+            raise ValueError("use auto, cpu, cuda, cuda:N or mps")
+        return value
+
+    @field_validator("render_deployment", mode="after")
+    @classmethod
+    def _check_deployment(cls, value: str) -> str:
+        if not re.fullmatch(r"[^/\s]+/[^/\s]+", value):
+            raise ValueError("give the deployment as flow-name/deployment-name")
+        return value
+
+    @field_validator("input_roots", mode="after")
+    @classmethod
+    def _check_roots(cls, value: str | None) -> str | None:
+        for root in (value or "").split(":"):
+            if root.strip() and not Path(root.strip()).is_absolute():
+                raise ValueError(f"{root.strip()!r} is not an absolute folder")
+        return value
+
+    @field_validator("input_buckets", mode="after")
+    @classmethod
+    def _check_buckets(cls, value: str | None) -> str | None:
+        for bucket in (value or "").split(","):
+            if bucket.strip() and not BUCKET.fullmatch(bucket.strip()):
+                raise ValueError(f"{bucket.strip()!r} is not a bucket name")
+        return value
 
     @field_validator("store_url", mode="after")
     @classmethod

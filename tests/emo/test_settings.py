@@ -35,29 +35,6 @@ def test_environment_overrides(monkeypatch: pytest.MonkeyPatch) -> None:
     assert settings.samples_per_frame == 1600
 
 
-@pytest.mark.parametrize(
-    ("variable", "value", "expected"),
-    [
-        ("EMO_FPS", "fast", "EMO_FPS"),
-        ("EMO_FPS", "0", "EMO_FPS"),
-        ("EMO_SEGMENT_SECONDS", "-3", "EMO_SEGMENT_SECONDS"),
-        ("EMO_STORE_URL", "ftp://x/y", "EMO_STORE_URL"),
-        ("EMO_STORE_URL", "file://relative/dir", "EMO_STORE_URL"),
-        ("EMO_STORE_URL", "s3://bucket/prefix", "EMO_S3_ENDPOINT"),
-        ("EMO_SAMPLE_RATE", "16001", "EMO_SAMPLE_RATE"),
-        ("EMO_S3_SECURE", "maybe", "EMO_S3_SECURE"),
-        ("EMO_SLOT_WAIT_SECONDS", "0", "EMO_SLOT_WAIT_SECONDS"),
-        ("EMO_SLOT_WAIT_SECONDS", "30", r"EMO_SLOT_WAIT_SECONDS \(30\) must be at least two"),
-    ],
-)
-def test_invalid_value_names_the_variable(
-    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, expected: str
-) -> None:
-    monkeypatch.setenv(variable, value)
-    with pytest.raises(SettingsError, match=expected):
-        load_settings()
-
-
 def test_emo_settings_hides_the_database_password(monkeypatch: pytest.MonkeyPatch) -> None:
     from typer.testing import CliRunner
 
@@ -73,3 +50,85 @@ def test_emo_settings_hides_the_database_password(monkeypatch: pytest.MonkeyPatc
     # Still says where it connects, as whom.
     assert "database_url = postgresql://studio:***@db.internal:5432/emo" in result.output
     assert "postgresql+psycopg://studio:***@db.internal:5432/emo" in result.output
+
+
+# Every setting with a value that cannot work: (variable, value, what the one line says).
+BAD_SETTINGS = [
+    ("EMO_DATABASE_URL", "postgres at db.internal", "not a database URL"),
+    ("EMO_STORE_URL", "ftp://files/emo", "must start with file:// or s3://"),
+    ("EMO_STORE_URL", "s3://", "s3:// URLs need a bucket"),
+    ("EMO_STORE_URL", "file://relative/dir", "file:// URLs need an absolute path"),
+    ("EMO_STORE_URL", "s3://bucket/prefix", "EMO_S3_ENDPOINT must be set"),
+    ("EMO_S3_ENDPOINT", "http://minio:9000", "give host:port"),
+    ("EMO_S3_ENDPOINT", "minio:9000/emo", "give host:port"),
+    ("EMO_S3_PUBLIC_ENDPOINT", "ftp://files.studio.com", "give host:port or https://host"),
+    ("EMO_S3_SECURE", "maybe", "valid boolean"),
+    ("EMO_LINK_SECONDS", "10", "greater than or equal to 60"),
+    ("EMO_STORE_RETRIES", "-1", "greater than or equal to 0"),
+    ("EMO_STORE_BACKOFF_SECONDS", "nan", "finite number"),
+    ("EMO_FPS", "twenty-five", "valid integer"),
+    ("EMO_FPS", "0", "greater than or equal to 1"),
+    ("EMO_SAMPLE_RATE", "16001", "must be a multiple of EMO_FPS"),
+    ("EMO_CLIP_FRAMES", "0", "greater than or equal to 1"),
+    ("EMO_MOTION_FRAMES", "-2", "greater than or equal to 0"),
+    ("EMO_SEGMENT_SECONDS", "inf", "finite number"),
+    ("EMO_SEGMENT_SECONDS", "-3", "greater than 0"),
+    ("EMO_DISPATCH", "kubernetes", "'inline' or 'deployment'"),
+    ("EMO_RENDER_DEPLOYMENT", "render-track", "flow-name/deployment-name"),
+    ("EMO_GPU_SLOTS", "0", "greater than or equal to 1"),
+    ("EMO_SLOT_WAIT_SECONDS", "0", "greater than 0"),
+    ("EMO_SLOT_WAIT_SECONDS", "30", "EMO_SLOT_WAIT_SECONDS (30) must be at least two lease"),
+    ("EMO_LEASE_SECONDS", "nan", "finite number"),
+    ("EMO_MAX_ATTEMPTS", "3.5", "valid integer"),
+    ("EMO_SWEEP_GRACE_SECONDS", "-5", "greater than or equal to 0"),
+    ("EMO_TRANSIENT_RETRY_SECONDS", "forever", "valid number"),
+    ("EMO_MAX_TRACK_SECONDS", "0", "greater than or equal to 1"),
+    ("EMO_MAX_STEPS", "5000", "less than or equal to 1000"),
+    ("EMO_MAX_IMAGE_PIXELS", "lots", "valid integer"),
+    ("EMO_INPUT_ROOTS", "/srv/shared:relative/dir", "'relative/dir' is not an absolute folder"),
+    ("EMO_INPUT_BUCKETS", "emo,Studio_Files", "'Studio_Files' is not a bucket name"),
+    ("EMO_DEVICE", "gpu", "use auto, cpu, cuda, cuda:N or mps"),
+    ("EMO_PRECISION", "fp8", "'auto', 'float32', 'bfloat16' or 'float16'"),
+    ("EMO_QC_MAX_SEAM_JITTER", "0", "greater than 0"),
+    ("EMO_QC_MIN_IDENTITY", "nan", "finite number"),
+    ("EMO_QC_MIN_SYNC", "2", "less than or equal to 1"),
+]
+
+
+@pytest.mark.parametrize(("variable", "value", "message"), BAD_SETTINGS)
+def test_a_bad_setting_is_one_error_naming_it(
+    monkeypatch: pytest.MonkeyPatch, variable: str, value: str, message: str
+) -> None:
+    monkeypatch.setenv(variable, value)
+    with pytest.raises(SettingsError) as caught:
+        load_settings()
+    text = str(caught.value)
+    assert text.startswith(f"invalid setting: {variable}") or variable in text, text
+    assert message in text and "\n" not in text, text
+
+
+@pytest.mark.parametrize(
+    ("variable", "value"),
+    [
+        ("EMO_S3_ENDPOINT", "minio.emo.svc:9000"),
+        ("EMO_S3_ENDPOINT", "[::1]:9000"),
+        ("EMO_S3_PUBLIC_ENDPOINT", "https://files.studio.com"),
+        ("EMO_DEVICE", "cuda:1"),
+        ("EMO_DATABASE_URL", "postgresql://emo:secret@db:5432/emo"),
+        ("EMO_INPUT_ROOTS", ""),
+        ("EMO_INPUT_BUCKETS", "emo, studio.files"),
+    ],
+)
+def test_good_values_are_taken(monkeypatch: pytest.MonkeyPatch, variable: str, value: str) -> None:
+    monkeypatch.setenv(variable, value)
+    load_settings()
+
+
+def test_the_cli_prints_a_bad_setting_as_one_line() -> None:
+    from tests.conftest import run_emo
+
+    result = run_emo("settings", env={"EMO_DEVICE": "gpu"})
+    assert result.returncode == 2
+    assert result.stderr.splitlines() == [
+        "error: invalid setting: EMO_DEVICE: use auto, cpu, cuda, cuda:N or mps"
+    ]
