@@ -162,6 +162,12 @@ def load_audio(
     audio = np.frombuffer(result.stdout, dtype=np.float32).copy()  # (N,)
     if audio.size == 0:
         raise MediaError(f"audio file {str(path)!r} contains no audio samples (zero length)")
+    broken = int(np.count_nonzero(~np.isfinite(audio)))
+    if broken:
+        raise MediaError(
+            f"audio file {str(path)!r} has {broken} samples that are not numbers (NaN or "
+            "infinite); export it again"
+        )
     decoded = audio.size / sample_rate
     declared = _declared_seconds(stderr)
     if max_seconds is not None and max(decoded, declared or 0.0) > max_seconds:
@@ -182,6 +188,20 @@ def load_audio(
 # -- images --------------------------------------------------------------------------------
 
 
+MIN_PORTRAIT_SIDE = 64  # pixels; the smallest model renders at 64
+
+
+def _rgb8(image: Image.Image) -> np.ndarray:
+    """RGB uint8 of any mode: 16- and 32-bit grey scaled down (Pillow would clip them to
+    white), CMYK and palettes converted, alpha dropped."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        grey = np.asarray(image, dtype=np.float64)  # (H, W)
+        scale = 65535.0 if image.mode.startswith("I;16") or grey.max() <= 65535 else grey.max()
+        grey8 = np.clip(np.round(grey / scale * 255.0), 0, 255).astype(np.uint8)
+        return np.repeat(grey8[:, :, None], 3, axis=2)  # (H, W, 3)
+    return np.asarray(image.convert("RGB")).copy()
+
+
 def load_image(path: Path | str) -> np.ndarray:
     """Decode ``path`` as an upright RGB image: (H, W, 3) uint8."""
     path = require_file(path, "image")
@@ -194,9 +214,19 @@ def load_image(path: Path | str) -> np.ndarray:
         with Image.open(path) as image:
             if image.width * image.height > most:  # read from the header: nothing decoded yet
                 raise MediaError(too_big)
+            if min(image.size) < MIN_PORTRAIT_SIDE:
+                raise MediaError(
+                    f"image file {str(path)!r} is {image.width}x{image.height} pixels; give a "
+                    f"portrait at least {MIN_PORTRAIT_SIDE} pixels on each side"
+                )
+            if getattr(image, "n_frames", 1) > 1:
+                raise MediaError(
+                    f"image file {str(path)!r} is animated ({image.n_frames} frames); give a "
+                    "still portrait"
+                )
             image.load()
             upright = ImageOps.exif_transpose(image)
-            return np.asarray(upright.convert("RGB")).copy()
+            return _rgb8(upright)
     except UnidentifiedImageError:
         raise MediaError(f"image file {str(path)!r} is not an image Pillow can read") from None
     except Image.DecompressionBombError:  # Pillow's own ceiling, above any sane limit

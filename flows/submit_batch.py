@@ -218,6 +218,14 @@ def preflight(
                 message = message.replace(str(local), uri)  # name the user's file, not our copy
             problems.append(f"{place}: {message}")
             continue
+        seconds = samples.size / settings.sample_rate
+        clip_seconds = config.clip_frames / settings.fps
+        if seconds < clip_seconds:
+            problems.append(
+                f"{place}: audio {job.audio!r} is {seconds:.2f} s long, shorter than one clip of "
+                f"this model ({clip_seconds:g} s); give a longer track"
+            )
+            continue
         if over:
             continue
 

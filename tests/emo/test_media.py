@@ -135,12 +135,22 @@ def test_five_segments_concatenate_by_stream_copy_with_audio(tmp_path: Path) -> 
 
 
 def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
-    image = Image.new("RGB", (40, 20), (200, 10, 10))
+    image = Image.new("RGB", (160, 80), (200, 10, 10))
     exif = Image.Exif()
     exif[0x0112] = 6  # rotate 90 degrees on display
     image.save(tmp_path / "portrait.jpg", exif=exif)
     pixels = media.load_image(tmp_path / "portrait.jpg")
-    assert pixels.shape == (40, 20, 3) and pixels.dtype == np.uint8
+    assert pixels.shape == (160, 80, 3) and pixels.dtype == np.uint8
+
+
+def test_cmyk_and_16_bit_portraits_are_converted_not_clipped(tmp_path: Path) -> None:
+    Image.new("CMYK", (64, 64), (0, 0, 0, 0)).save(tmp_path / "print.jpg")  # no ink: white
+    assert media.load_image(tmp_path / "print.jpg").min() >= 250
+    ramp = (np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)  # 0 .. 65520
+    Image.fromarray(ramp).save(tmp_path / "scan.png")
+    pixels = media.load_image(tmp_path / "scan.png")
+    assert pixels.shape == (64, 64, 3) and pixels[0, 0, 0] == 0 and pixels[-1, -1, 0] == 255
+    assert pixels[32, 0, 0] == round(32 * 64 * 16 / 65535 * 255)  # scaled, not clipped
 
 
 # -- bad input: one clear error naming the file --------------------------------------------
@@ -199,6 +209,13 @@ def _bad_audio(tmp_path: Path, kind: str, stereo_wav: Path) -> Path:
         path.write_bytes(full.read_bytes()[: full.stat().st_size * 2 // 5])
     elif kind == "video_only":
         [path] = _segments(tmp_path, [5])
+    elif kind == "not_numbers":  # a float WAV from a broken export
+        import soundfile
+
+        samples = np.zeros(16000, np.float32)
+        samples[100:200] = np.nan
+        path = tmp_path / "broken.wav"
+        soundfile.write(path, samples, 16000, subtype="FLOAT")
     return path
 
 
@@ -214,6 +231,7 @@ def _bad_audio(tmp_path: Path, kind: str, stereo_wav: Path) -> Path:
         ("truncated_flac", "truncated"),
         ("truncated_m4a", "cannot be decoded"),
         ("video_only", "no audio stream"),
+        ("not_numbers", "has 100 samples that are not numbers"),
     ],
 )
 def test_bad_audio_gives_one_clear_error(
@@ -263,6 +281,8 @@ def test_an_image_over_the_pixel_limit_is_refused_from_its_header(
         (b"", "is empty"),
         (b"hello, not a picture", "not an image"),
         ("truncated", "cannot be decoded"),
+        ("one_pixel", "is 1x1 pixels; give a portrait at least 64 pixels on each side"),
+        ("animated", "is animated \\(3 frames\\); give a still portrait"),
     ],
 )
 def test_bad_image_gives_one_clear_error(tmp_path: Path, content, message: str) -> None:
@@ -272,6 +292,11 @@ def test_bad_image_gives_one_clear_error(tmp_path: Path, content, message: str) 
             np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)
         ).save(path)
         path.write_bytes(path.read_bytes()[:3000])
+    elif content == "one_pixel":
+        Image.new("RGB", (1, 1)).save(path)
+    elif content == "animated":
+        frames = [Image.new("RGB", (64, 64), (80 * i, 0, 0)) for i in range(3)]
+        frames[0].save(path, format="PNG", save_all=True, append_images=frames[1:])
     else:
         path.write_bytes(content)
     with pytest.raises(MediaError, match=message) as caught:

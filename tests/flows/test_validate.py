@@ -6,13 +6,14 @@ import json
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
 
 from emo.cli import app
 from emo.manifest import ManifestError
-from tests.conftest import run_emo
+from tests.conftest import run_emo, write_wav
 
 ASSETS = Path(__file__).resolve().parents[2] / "emo" / "assets"
 BOX = [0.2, 0.15, 0.8, 0.85]
@@ -73,14 +74,17 @@ def test_every_problem_is_listed_and_nothing_is_written(tmp_path: Path) -> None:
         {"name": "greedy", "image": "anna.png", "audio": "song.wav", "face_box": BOX, "steps": 900},
         {"name": "sneaky", "image": "anna.png", "audio": "notes.wav", "face_box": BOX},
         {"name": "swapped", "image": "song.wav", "audio": "anna.png", "face_box": BOX},
+        {"name": "blip", "image": "anna.png", "audio": "blip.wav", "face_box": BOX},
     ]
+    write_wav(folder / "blip.wav", np.zeros(1600, np.float32))  # 0.1 s
     result = CliRunner().invoke(app, ["validate", str(_write(folder, jobs))])
     assert isinstance(result.exception, ManifestError), result.output
     problems = result.exception.problems
-    assert len(problems) == 3, problems
+    assert len(problems) == 4, problems
     assert "job 'greedy' (row 2): steps 900 is above 200" in problems[0]
     assert "job 'sneaky' (row 3): audio file" in problems[1] and "notes.wav" in problems[1]
     assert "job 'swapped' (row 4): image file" in problems[2] and "song.wav" in problems[2]
+    assert problems[3].startswith("job 'blip' (row 5): audio 'blip.wav' is 0.10 s long, shorter")
     _nothing_written(tmp_path / "emo-home")
 
 
