@@ -182,37 +182,17 @@ def measure(config: EMOConfig, steps: int) -> None:
 
 
 def full_clip_flops(steps: int) -> dict[str, float]:
-    """FLOPs of one clip of the full configuration, counted on the meta device."""
-    from accelerate import init_empty_weights
+    """FLOPs of one clip of the full configuration, counted on the meta device (emo.cost)."""
+    from emo.cost import clip_flops
 
-    config = FULL
-    with init_empty_weights(include_buffers=True):
-        parts = build_components(config)
-    latent, frames, n = config.latent_size, config.clip_frames, config.motion_frames
-    meta = {"device": "meta"}
-    counts: dict[str, float] = {}
-    with torch.no_grad():
-        with FlopCounterMode(display=False) as counter:
-            reference = parts.reference_net(torch.randn(1, 4, latent, latent, **meta))
-        counts["ReferenceNet (reference, once per call)"] = counter.get_total_flops()
-        with FlopCounterMode(display=False) as counter:
-            motion = parts.reference_net(torch.randn(n, 4, latent, latent, **meta))
-        counts["ReferenceNet (motion frames, once per clip)"] = counter.get_total_flops()
-        seconds = (frames + 2 * (config.audio_window + 25)) / 25
-        with FlopCounterMode(display=False) as counter:
-            parts.wav2vec2(torch.randn(1, int(seconds * 16000), **meta))
-        counts["wav2vec2 (once per clip)"] = counter.get_total_flops()
-        speed = torch.zeros(1, frames, config.audio_tokens, config.speed_dim, **meta)
-        tokens = torch.zeros(2 * frames, config.audio_tokens, 768, **meta)
-        conditioning = Conditioning(reference.tokens, motion.maps, n, speed)
-        sample = torch.randn(2, 4, frames, latent, latent, **meta)
-        with FlopCounterMode(display=False) as counter:
-            parts.backbone(sample, torch.tensor([500], **meta), tokens, conditioning)
-        counts[f"Backbone x {steps} steps (guidance batch 2)"] = counter.get_total_flops() * steps
-        with FlopCounterMode(display=False) as counter:
-            parts.vae.decode(torch.randn(4, 4, latent, latent, **meta))
-        counts["VAE decode (12 frames)"] = counter.get_total_flops() * frames / 4
-    return counts
+    parts = clip_flops(FULL, steps)
+    return {
+        "ReferenceNet (reference, once per call)": parts["reference"],
+        "ReferenceNet (motion frames, once per clip)": parts["motion"],
+        "wav2vec2 (once per clip)": parts["audio"],
+        f"Backbone x {steps} steps (guidance batch 2)": parts["step"],
+        "VAE decode (12 frames)": parts["decode"],
+    }
 
 
 def main() -> None:

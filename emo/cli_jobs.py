@@ -189,6 +189,10 @@ def submit(
     manifest: Annotated[str, typer.Argument(help="manifest (.yaml, .json, .csv; path or s3://)")],
     output_dir: Annotated[Path | None, typer.Option(help="also copy finished videos here")] = None,
     wait: Annotated[bool, typer.Option(help="wait for deployment runs to finish")] = False,
+    allow_cost: Annotated[
+        float | None,
+        typer.Option(help="GPU-hours this batch may take above EMO_MAX_BATCH_GPU_HOURS", min=0),
+    ] = None,
 ) -> None:
     """Submit a batch: validate, pre-flight, register, render (inline) or dispatch."""
     from flows.submit_batch import submit_batch
@@ -199,11 +203,17 @@ def submit(
     render_now = settings.dispatch == "inline" or wait
     with ClipProgress():
         result = submit_batch(
-            manifest=manifest, output_dir=str(output_dir) if output_dir else None, render=render_now
+            manifest=manifest,
+            output_dir=str(output_dir) if output_dir else None,
+            render=render_now,
+            allow_cost_hours=allow_cost,
         )
     word = "registered" if result["created"] else "already registered"
     console.print(f"batch {result['name']} ({result['batch_id']}) {word}")
     _print_table(result["table"])
+    if result["estimate_seconds"]:
+        total = sum(result["estimate_seconds"].values())
+        console.print(f"estimated GPU time of the batch: {_duration(total)} ({settings.gpu_class})")
     if any(row["status"] == "failed" for row in result["table"]):
         raise typer.Exit(1)
 
@@ -214,24 +224,29 @@ def validate(
         str | None, typer.Option(help="where relative inputs are (default: next to it)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the jobs as JSON")] = False,
+    allow_cost: Annotated[
+        float | None,
+        typer.Option(help="GPU-hours this batch may take above EMO_MAX_BATCH_GPU_HOURS", min=0),
+    ] = None,
 ) -> None:
     """Check a manifest as a submit would (every input fetched and decoded, faces, limits,
     the estimate) without registering or storing anything. Exit 0 when valid; 2 with every
     problem listed when not."""
     from flows.submit_batch import validate_manifest
 
-    parsed, prepared = validate_manifest(manifest, get_settings(), base)
+    settings = get_settings()
+    parsed, prepared = validate_manifest(manifest, settings, base, allow_cost_hours=allow_cost)
     rows = [
         {
             "job": job.spec.name,
             "seconds": round(job.seconds, 2),
             "clips": job.clips,
             "steps": job.steps,
-            "estimate_seconds": round(job.estimate_seconds, 1),
+            "estimate_seconds": round(job.estimate_seconds, 4),
         }
         for job in prepared
     ]
-    total = round(sum(job.estimate_seconds for job in prepared), 1)
+    total = round(sum(job.estimate_seconds for job in prepared), 4)
     if as_json:
         typer.echo(json.dumps({"name": parsed.name, "jobs": rows, "estimate_seconds": total}))
         return
@@ -239,7 +254,10 @@ def validate(
     for row in rows:
         row["estimated GPU time"] = _duration(row.pop("estimate_seconds"))
     _print_table(rows)
-    console.print(f"estimated GPU time of the batch: {_duration(total)} (nothing registered)")
+    console.print(
+        f"estimated GPU time of the batch: {_duration(total)} on {settings.gpu_class} "
+        "(EMO_GPU_CLASS); nothing registered"
+    )
 
 
 def _duration(seconds: float) -> str:

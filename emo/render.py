@@ -33,9 +33,6 @@ from emo.store.base import is_fresh
 
 UNTRAINED = "tiny-untrained"
 SHIPPED_DEMO = Path(__file__).resolve().parent / "weights" / "demo"  # make demo-model
-# Seconds per 12-frame clip at 40 steps, for estimates: full from the FLOP count on one H100 at
-# 40% of peak (bench/model.py), tiny as measured on a 2-core CPU.
-SECONDS_PER_CLIP = {"full": 3.4, "tiny": 1.8}
 
 
 @dataclass(frozen=True)
@@ -163,11 +160,6 @@ def speed_schedule(speed: float | Sequence[Sequence[float]], frames: int, fps: i
     points = sorted((float(t), float(v)) for t, v in speed)
     times = np.arange(frames) / fps
     return np.interp(times, [t for t, _ in points], [v for _, v in points]).astype(np.float32)
-
-
-def estimate_seconds(clips: int, steps: int, config_name: str) -> float:
-    """GPU (or CPU) seconds a render of ``clips`` clips should take."""
-    return clips * SECONDS_PER_CLIP.get(config_name, SECONDS_PER_CLIP["full"]) * steps / 40
 
 
 # -- weights and the pipeline ----------------------------------------------------------------

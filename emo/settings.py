@@ -120,6 +120,12 @@ class Settings(BaseSettings):
         None,
         description="buckets (','-separated) s3:// inputs may come from; unset: any, empty: none",
     )
+    gpu_class: Literal["h100", "a100", "l40s", "a10g", "l4", "cpu"] = Field(
+        "h100", description="the GPUs estimates are made for (emo/cost.py)"
+    )
+    max_batch_gpu_hours: float = Field(
+        100.0, gt=0, le=1_000_000, description="a batch estimated above this is refused"
+    )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:N, mps")
     precision: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     qc_max_seam_jitter: float = Field(1.3, gt=0, description="QC warning above this")

@@ -12,6 +12,7 @@ registered while any job is invalid.
 from __future__ import annotations
 
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -33,13 +34,13 @@ from db.dispatch import record_submit_run
 from db.models import Batch, Job, JobStatus
 from emo import media
 from emo.confine import input_problem
+from emo.cost import gpu_seconds
 from emo.errors import EmoError, ObjectNotFound, StoreAuthError, StoreUnavailable
 from emo.manifest import Manifest, ManifestError, parse_manifest
 from emo.plan import frame_count
 from emo.render import (
     batch_key,
     check_frame_layout,
-    estimate_seconds,
     fetch,
     job_id_for,
     pin_bundle,
@@ -181,6 +182,7 @@ def preflight(
     fetched: list[FetchedInputs | str],
     weights: Path,
     source: str,
+    allow_cost_hours: float | None = None,
 ) -> list[PreparedJob]:
     """Decode every input, find every face, estimate the work; report all problems at once
     (with those of inputs that could not be fetched)."""
@@ -253,13 +255,32 @@ def preflight(
                 seconds=samples.size / settings.sample_rate,
                 clips=clips,
                 steps=params.steps,
-                estimate_seconds=estimate_seconds(clips, params.steps, config.name),
+                estimate_seconds=gpu_seconds(clips, params.steps, config, settings.gpu_class),
                 face=region.source,
             )
         )
     if problems:
         raise ManifestError(source, problems)
+    _check_cost(prepared, settings, allow_cost_hours, source)
     return prepared
+
+
+def _check_cost(
+    prepared: list[PreparedJob], settings: Settings, allow_hours: float | None, source: str
+) -> None:
+    """Refuse a batch estimated above EMO_MAX_BATCH_GPU_HOURS unless the submitter allowed
+    at least its estimate (``--allow-cost HOURS``)."""
+    hours = sum(job.estimate_seconds for job in prepared) / 3600
+    if hours <= settings.max_batch_gpu_hours or (allow_hours is not None and hours <= allow_hours):
+        return
+    raise ManifestError(
+        source,
+        [
+            f"the batch needs about {hours:,.1f} GPU-hours on {settings.gpu_class} "
+            f"(EMO_GPU_CLASS), over EMO_MAX_BATCH_GPU_HOURS ({settings.max_batch_gpu_hours:g}); "
+            f"check each job with emo validate, or allow it with --allow-cost {math.ceil(hours)}"
+        ],
+    )
 
 
 def _name(uri: str) -> str:
@@ -394,10 +415,18 @@ def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
 
 
 def _register(
-    svc: Services, parsed: Manifest, sha: str, base: str, source: str, inbox: bool
-) -> tuple[Batch, bool]:
+    svc: Services,
+    parsed: Manifest,
+    sha: str,
+    base: str,
+    source: str,
+    *,
+    inbox: bool,
+    allow_cost_hours: float | None,
+) -> tuple[Batch, bool, dict[str, float]]:
     """Fetch and hash the inputs; find the batch of this content, or pre-flight, store and
-    register it. The submit's copies of the inputs are removed however it ends."""
+    register it (with each new job's estimated GPU seconds). The submit's copies of the
+    inputs are removed however it ends."""
     scratch = _submit_scratch(svc, sha)
     try:
         fetched = fetch_inputs(svc.settings, parsed, scratch, base, inbox)
@@ -409,20 +438,25 @@ def _register(
             existing = find_batch(session=session, manifest_sha256=key)
         if existing is not None:
             restore_inputs(svc, existing.id, fetched)
-            return existing, False
+            return existing, False, {}
         weights = resolve_weights(svc.settings)
-        prepared = preflight(svc.settings, parsed, key, fetched, weights, source)
+        prepared = preflight(svc.settings, parsed, key, fetched, weights, source, allow_cost_hours)
         specs = upload_inputs(svc, prepared, weights)
         with svc.sessions() as session:
-            return register_batch(
+            batch, created = register_batch(
                 session=session, name=parsed.name, manifest_sha256=key, jobs=specs, actor=ACTOR
             )
+        return batch, created, {job.spec.name: job.estimate_seconds for job in prepared}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
 
 def validate_manifest(
-    source: str, settings: Settings, base: str | None = None, inbox: bool = False
+    source: str,
+    settings: Settings,
+    base: str | None = None,
+    inbox: bool = False,
+    allow_cost_hours: float | None = None,
 ) -> tuple[Manifest, list[PreparedJob]]:
     """Everything a submit checks before registering (the manifest, fetching and decoding
     every input, faces, limits, the estimate), touching neither the job database nor the
@@ -437,7 +471,8 @@ def validate_manifest(
             (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
         ]
         weights = resolve_weights(settings)
-        prepared = preflight.fn(settings, parsed, batch_key(sha, hashes), fetched, weights, source)
+        key = batch_key(sha, hashes)
+        prepared = preflight.fn(settings, parsed, key, fetched, weights, source, allow_cost_hours)
     return parsed, prepared
 
 
@@ -448,18 +483,22 @@ def submit_batch(
     render: bool = True,
     base: str | None = None,
     inbox: bool = False,
+    allow_cost_hours: float | None = None,
 ) -> dict[str, Any]:
     """Validate, pre-flight, register and dispatch one manifest; publish the batch table.
 
     ``base`` is where relative input paths are resolved (default: next to the manifest);
-    ``inbox`` confines inputs to it (a manifest dropped in the inbox, ``emo.confine``).
+    ``inbox`` confines inputs to it (a manifest dropped in the inbox, ``emo.confine``);
+    ``allow_cost_hours`` lets a batch estimated above EMO_MAX_BATCH_GPU_HOURS through.
     """
     svc = services()
     data, manifest_dir = read_source(manifest, svc.settings)
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)
-    batch, created = _register(svc, parsed, sha, base, manifest, inbox)
+    batch, created, estimates = _register(
+        svc, parsed, sha, base, manifest, inbox=inbox, allow_cost_hours=allow_cost_hours
+    )
     if deployment.id is not None and flow_run.parent_flow_run_id is None:
         # A submit-batch deployment run of its own (not nightly's): cancelling it in the UI
         # cancels the batch, jobs the sweep dispatched again included.
@@ -476,10 +515,16 @@ def submit_batch(
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)
         rows = batch_rows(jobs)
+    cost = ""
+    if estimates:
+        hours = sum(estimates.values()) / 3600
+        cost = f"; estimated {hours:,.2f} GPU-hours on {svc.settings.gpu_class}"
+        for row in rows:
+            row["estimated GPU seconds"] = round(estimates.get(row["job"], 0.0), 1)
     create_table_artifact(
         key=f"batch-{batch.id[:12]}",
         table=rows,
-        description=f"batch {parsed.name} ({len(jobs)} jobs)",
+        description=f"batch {parsed.name} ({len(jobs)} jobs{cost})",
     )
     return {
         "batch_id": batch.id,
@@ -488,6 +533,7 @@ def submit_batch(
         "jobs": {j.name: j.id for j in jobs},
         "dispatched": outcome,
         "table": rows,
+        "estimate_seconds": estimates,
     }
 
 

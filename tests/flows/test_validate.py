@@ -61,9 +61,8 @@ def test_a_valid_manifest_prints_its_jobs_and_estimate_and_registers_nothing(
     assert short["seconds"] == 10.0 and short["clips"] == default["clips"] > 0
     assert short["steps"] == 10 and default["steps"] > 10  # the bundle's own default
     assert default["estimate_seconds"] > short["estimate_seconds"] > 0
-    assert report["estimate_seconds"] == round(
-        short["estimate_seconds"] + default["estimate_seconds"], 1
-    )
+    total = short["estimate_seconds"] + default["estimate_seconds"]
+    assert report["estimate_seconds"] == pytest.approx(total, abs=1e-4)
     _nothing_written(tmp_path / "emo-home")
 
 
@@ -131,3 +130,21 @@ def test_inputs_outside_the_allowed_places_are_refused_naming_the_row(
     monkeypatch.setenv("EMO_INPUT_ROOTS", f"{folder}:{elsewhere}")
     get_settings.cache_clear()
     assert CliRunner().invoke(app, ["validate", str(path)]).exit_code == 0
+
+
+def test_a_batch_over_the_gpu_budget_is_refused_unless_allowed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = _studio_folder(tmp_path)
+    jobs = [{"name": "anna", "image": "anna.png", "audio": "song.wav", "face_box": BOX}]
+    path = str(_write(folder, jobs))
+    monkeypatch.setenv("EMO_MAX_BATCH_GPU_HOURS", "0.000001")  # the demo job is ~0.1 s
+    monkeypatch.setenv("EMO_GPU_CLASS", "cpu")
+    refused = CliRunner().invoke(app, ["validate", path])
+    assert isinstance(refused.exception, ManifestError)
+    (problem,) = refused.exception.problems
+    assert "GPU-hours on cpu (EMO_GPU_CLASS), over EMO_MAX_BATCH_GPU_HOURS (1e-06)" in problem
+    assert problem.endswith("or allow it with --allow-cost 1")
+    allowed = CliRunner().invoke(app, ["validate", path, "--allow-cost", "1", "--json"])
+    assert allowed.exit_code == 0, allowed.output
+    assert json.loads(allowed.output)["estimate_seconds"] > 0
