@@ -175,8 +175,7 @@ def render(
     try:
         registered = submit_batch(manifest=str(manifest), render=False)
     except ManifestError as error:  # the manifest is emo's own: speak of the user's files
-        problems = [p.split("): ", 1)[1] if p.startswith("job ") else p for p in error.problems]
-        raise InputError("; ".join(problems)) from None
+        raise InputError(user_problems(error.problems)) from None
     job_id = next(iter(registered["jobs"].values()))
     if weights is not None:
         _require_pinned(job_id, weights)
@@ -185,13 +184,20 @@ def render(
     _report(result)
 
 
+def user_problems(problems: list[str]) -> str:
+    """A one-job manifest's problems without the job and row emo's own manifest gave them."""
+    return "; ".join(re.sub(r"^job '[^']*' \(row \d+\)(: |, )", "", p) for p in problems)
+
+
 def submit(
     manifest: Annotated[str, typer.Argument(help="manifest (.yaml, .json, .csv; path or s3://)")],
     output_dir: Annotated[Path | None, typer.Option(help="also copy finished videos here")] = None,
     wait: Annotated[bool, typer.Option(help="wait for deployment runs to finish")] = False,
     allow_cost: Annotated[
         float | None,
-        typer.Option(help="GPU-hours this batch may take above EMO_MAX_BATCH_GPU_HOURS", min=0),
+        typer.Option(
+            help="GPU-hours this batch may take (when over EMO_MAX_BATCH_GPU_HOURS)", min=0
+        ),
     ] = None,
 ) -> None:
     """Submit a batch: validate, pre-flight, register, render (inline) or dispatch."""
@@ -226,7 +232,9 @@ def validate(
     as_json: Annotated[bool, typer.Option("--json", help="print the jobs as JSON")] = False,
     allow_cost: Annotated[
         float | None,
-        typer.Option(help="GPU-hours this batch may take above EMO_MAX_BATCH_GPU_HOURS", min=0),
+        typer.Option(
+            help="GPU-hours this batch may take (when over EMO_MAX_BATCH_GPU_HOURS)", min=0
+        ),
     ] = None,
 ) -> None:
     """Check a manifest as a submit would (every input fetched and decoded, faces, limits,

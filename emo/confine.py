@@ -32,16 +32,24 @@ def _within(path: Path, roots: list[str]) -> bool:
     return any(real.is_relative_to(os.path.realpath(root)) for root in roots)
 
 
-def input_problem(uri: str, *, settings: Settings, inbox: bool) -> str | None:
-    """Why ``uri`` (as the manifest wrote it) may not be read here, or None. Relative inputs
-    are resolved against the manifest's folder by the caller."""
+def input_problem(
+    uri: str, *, settings: Settings, inbox: bool, resolved: str | None = None
+) -> str | None:
+    """Why ``uri`` (as the manifest wrote it) may not be read here, or None. A relative input
+    is also judged where it ``resolved`` to (against the manifest's folder, or a ``base`` the
+    submitter gave) by the settings' roots and buckets."""
     parsed = urlparse(uri)
     is_local = parsed.scheme in ("", "file") or len(parsed.scheme) == 1
     relative = parsed.scheme == "" and not Path(uri).is_absolute()
     if relative:
-        if inbox and ".." in PurePosixPath(uri.replace("\\", "/")).parts:
+        if inbox and ".." in PurePosixPath(unquote(uri).replace("\\", "/")).parts:
             return f"{uri!r} climbs out of the manifest's folder ('..'); name a file beside it"
-        return None
+        if resolved is None or resolved == uri:
+            return None
+        problem = input_problem(resolved, settings=settings, inbox=False)
+        if problem is None:
+            return None
+        return f"{uri!r} resolves to a place inputs may not come from: {problem}"
     if parsed.scheme == "s3":
         buckets = _listed(settings.input_buckets, ",")
         if buckets is None and not inbox:

@@ -15,9 +15,13 @@ import json
 
 # Dense bf16 tensor-core peaks (vendor datasheets), FLOP/s; "cpu" is a nominal 0.5 TFLOP/s.
 PEAK_FLOPS = {
+    "b200": 2250e12,
+    "h200": 989e12,
     "h100": 989e12,
     "a100": 312e12,
     "l40s": 362e12,
+    "a6000": 155e12,
+    "rtx4090": 165e12,
     "a10g": 125e12,
     "l4": 121e12,
     "cpu": 0.5e12,
@@ -36,8 +40,8 @@ def _clip_flops(config_json: str) -> dict[str, float]:
     from emo.models.config import EMOConfig
 
     config = EMOConfig.from_dict(json.loads(config_json))
-    with init_empty_weights(include_buffers=True):
-        parts = build_components(config)
+    with torch.random.fork_rng(), init_empty_weights(include_buffers=True):
+        parts = build_components(config)  # seeds the RNG: the caller's stream is kept
     latent, frames, n = config.latent_size, config.clip_frames, config.motion_frames
     channels = config.unet["in_channels"]  # 4 for SD1.5's VAE, 48 for the demo's pixel shuffle
     meta = {"device": "meta"}

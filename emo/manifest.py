@@ -32,6 +32,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from emo.errors import EmoError
 
 NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+# A cell a spreadsheet would run: =, @, or + / - not starting a number.
+FORMULA = re.compile(r"[=@]|[+-](?![\d.])")
 MAX_MANIFEST_BYTES = 10 * 1024 * 1024  # about 50,000 jobs; a bigger batch is split
 SPEED_HELP = "speed is a level from 0 to 1, or a list of [seconds, level] points"
 Finite = Annotated[float, Field(allow_inf_nan=False)]
@@ -73,11 +75,11 @@ class JobOptions(BaseModel):
     format: Literal["mp4", "mov", "png"] | None = None
     priority: int | None = Field(None, ge=-1000, le=1000)
 
-    @field_validator("seed", "steps", "priority", mode="before")
+    @field_validator("seed", "steps", "priority", "guidance", "segment_seconds", mode="before")
     @classmethod
     def _not_a_boolean(cls, value: Any) -> Any:
         if isinstance(value, bool):  # YAML's true/false would otherwise count as 1/0
-            raise ValueError("a whole number is needed, not true/false")
+            raise ValueError("a number is needed, not true/false")
         return value
 
     @field_validator("speed", mode="before")
@@ -109,6 +111,8 @@ class JobOptions(BaseModel):
     def _box_text(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [float(v) for v in value.replace(";", ",").split(",")]
+        if isinstance(value, list | tuple) and any(isinstance(v, bool) for v in value):
+            raise ValueError("face_box is four numbers, not true/false")
         return value
 
     @field_validator("face_box", mode="after")
@@ -169,7 +173,7 @@ def _parse(data: bytes, kind: str, source: str) -> dict[str, Any]:
             "sheet with values, not formulas"
             for number, row in enumerate(rows, start=1)
             for key, value in row.items()
-            if value.startswith("=")
+            if FORMULA.match(value)
         ]
         if formulas:
             raise ManifestError(source, formulas)

@@ -219,7 +219,8 @@ def load_image(path: Path | str) -> np.ndarray:
                     f"image file {str(path)!r} is {image.width}x{image.height} pixels; give a "
                     f"portrait at least {MIN_PORTRAIT_SIDE} pixels on each side"
                 )
-            if getattr(image, "n_frames", 1) > 1:
+            # An MPO is a camera JPEG with a preview or gain map, not an animation.
+            if getattr(image, "is_animated", False) and image.format != "MPO":
                 raise MediaError(
                     f"image file {str(path)!r} is animated ({image.n_frames} frames); give a "
                     "still portrait"

@@ -22,21 +22,37 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from emo.errors import SettingsError
 
 ENV_PREFIX = "EMO_"
-ENDPOINT = re.compile(r"[A-Za-z0-9.-]+(:\d{1,5})?|\[[0-9a-fA-F:]+\](:\d{1,5})?")  # host[:port]
+# host[:port]: names (underscores as in compose service names), IPv4, [IPv6] (zone ids too)
+ENDPOINT = re.compile(
+    r"([A-Za-z0-9_.-]+|\[[0-9a-fA-F:.]+(%[A-Za-z0-9_.-]+)?\])"
+    r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
+)
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
 
 
 def hide_password(value: str) -> str:
-    """``value`` with the password of a ``scheme://user:password@host/...`` URL replaced by
-    ``***``; anything else unchanged. For printing settings and URLs anywhere."""
-    scheme, sep, rest = value.partition("://")
-    netloc, slash, path = rest.partition("/")
-    userinfo, at, host = netloc.rpartition("@")  # a raw '@' in a password stays in userinfo
-    if not sep or not at or ":" not in userinfo:
+    """``value`` with the password of a ``scheme://user:password@host/...`` URL (or a
+    ``password=`` query parameter) replaced by ``***``; anything else unchanged. For printing
+    settings and URLs anywhere."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError
+
+    if "://" not in value:
         return value
-    user = userinfo.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}{slash}{path}"
+    try:  # SQLAlchemy's own parser: a password may hold '/', '@' or ':'
+        url = make_url(value)
+    except (ArgumentError, ValueError):
+        url = None
+    if url is not None and (url.password or "password" in url.query):
+        query = {k: ("***" if k == "password" else v) for k, v in url.query.items()}
+        return url.set(query=query).render_as_string(hide_password=True)
+    scheme, _, rest = value.partition("://")
+    netloc, slash, path = rest.partition("/")
+    userinfo, at, host = netloc.rpartition("@")
+    if not at or ":" not in userinfo:
+        return value
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{slash}{path}"
 
 
 class Settings(BaseSettings):
@@ -120,9 +136,9 @@ class Settings(BaseSettings):
         None,
         description="buckets (','-separated) s3:// inputs may come from; unset: any, empty: none",
     )
-    gpu_class: Literal["h100", "a100", "l40s", "a10g", "l4", "cpu"] = Field(
-        "h100", description="the GPUs estimates are made for (emo/cost.py)"
-    )
+    gpu_class: Literal[
+        "b200", "h200", "h100", "a100", "l40s", "a6000", "rtx4090", "a10g", "l4", "cpu"
+    ] = Field("h100", description="the GPUs estimates are made for (emo/cost.py)")
     max_batch_gpu_hours: float = Field(
         100.0, gt=0, le=1_000_000, description="a batch estimated above this is refused"
     )

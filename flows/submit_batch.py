@@ -84,7 +84,11 @@ class PreparedJob:
 
 
 def read_source(source: str, settings: Settings) -> tuple[bytes, str]:
-    """Manifest bytes from a path, file:// or s3:// URI; and the base for relative inputs."""
+    """Manifest bytes from a path, file:// or s3:// URI; and the base for relative inputs.
+    The manifest itself must come from where inputs may (EMO_INPUT_ROOTS, EMO_INPUT_BUCKETS)."""
+    problem = input_problem(source, settings=settings, inbox=False)
+    if problem is not None:
+        raise ManifestError(source, [f"the manifest {problem}"])
     parsed = urlparse(source)
     if parsed.scheme == "s3":
         from emo.store import open_store
@@ -117,8 +121,11 @@ def fetch_inputs(
         image_uri, audio_uri = _resolve(job.image, base), _resolve(job.audio, base)
         refused = [
             f"job {job.name!r} (row {row}): {kind} {problem}"
-            for kind, uri in (("image", job.image), ("audio", job.audio))
-            if (problem := input_problem(uri, settings=settings, inbox=inbox))
+            for kind, uri, where in (
+                ("image", job.image, image_uri),
+                ("audio", job.audio, audio_uri),
+            )
+            if (problem := input_problem(uri, settings=settings, inbox=inbox, resolved=where))
         ]
         if refused:
             fetched.append("; ".join(refused))

@@ -29,6 +29,7 @@ ROWS = [
     ("../secret.wav", None, None, False, None),  # a user's own submit may climb out
     ("../secret.wav", None, None, True, "climbs out of the manifest's folder"),
     ("a/../../secret.wav", "{allowed}", "emo", True, "climbs out"),
+    ("%2e%2e/%2e%2e/etc/hostname", None, None, True, "climbs out"),  # URL-encoded
     ("{allowed}/anna.png", None, None, False, None),  # a user's own machine: anywhere
     ("{other}/key.wav", None, None, False, None),
     ("{other}/key.wav", None, None, True, "outside the folders inputs may come from"),
@@ -68,3 +69,18 @@ def test_where_inputs_may_come_from(
     else:
         assert problem is not None and refused.format(**names) in problem, problem
         assert uri.format(**names) in problem  # names the input as the manifest wrote it
+
+
+def test_a_relative_input_is_judged_where_it_resolves(
+    folders: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A submit given another base (a deployment parameter) cannot reach outside the roots."""
+    monkeypatch.setenv("EMO_INPUT_ROOTS", str(folders["allowed"]))
+    settings = load_settings()
+    inside, outside = str(folders["allowed"] / "anna.png"), str(folders["other"] / "key.wav")
+    assert input_problem("anna.png", settings=settings, inbox=False, resolved=inside) is None
+    problem = input_problem("key.wav", settings=settings, inbox=False, resolved=outside)
+    assert problem is not None and problem.startswith(
+        "'key.wav' resolves to a place inputs may not come from: "
+    )
+    assert "EMO_INPUT_ROOTS" in problem

@@ -74,8 +74,10 @@ ROW = b"name: x\njobs: [{name: a, image: i, audio: a, "
         ),
         (b"name: x\njobs: [{name: a, image: i, audio: a, colour: red}]\n", "colour"),
         (b"{not yaml: [", "cannot be read as yaml"),
-        (ROW + b"seed: true}]\n", "seed: Value error, a whole number is needed, not true/false"),
-        (ROW + b"steps: false}]\n", "steps: Value error, a whole number is needed"),
+        (ROW + b"seed: true}]\n", "seed: Value error, a number is needed, not true/false"),
+        (ROW + b"steps: false}]\n", "steps: Value error, a number is needed"),
+        (ROW + b"guidance: true}]\n", "guidance: Value error, a number is needed"),
+        (ROW + b"face_box: [true, 0, 1, 1]}]\n", "face_box is four numbers, not true/false"),
         (ROW + b"speed: .nan}]\n", "speed: Value error, speed is a level from 0 to 1"),
         (ROW + b"speed: -5}]\n", "speed: Value error, speed is a level from 0 to 1"),
         (ROW + b"speed: 7}]\n", "speed: Value error, speed is a level from 0 to 1"),
@@ -107,6 +109,11 @@ def test_a_deep_json_manifest_and_a_csv_formula_are_refused() -> None:
     csv = b'name,image,audio\na,=HYPERLINK("http://x"),v.wav\nb,p.png,v.wav\n'
     with pytest.raises(ManifestError, match="job row 1, image: .* is a spreadsheet formula"):
         parse_manifest(csv, source="m.csv")
+    for cell in (b"@SUM(A1)", b"+cmd|x", b"-cmd|x"):
+        with pytest.raises(ManifestError, match="spreadsheet formula"):
+            parse_manifest(b"name,image,audio\na,p.png," + cell + b"\n", source="m.csv")
+    fine = b"name,image,audio,priority\na,p.png,v.wav,-5\n"  # a negative number is a number
+    assert parse_manifest(fine, source="m.csv")[0].jobs[0].priority == -5
 
 
 def test_speed_levels_and_points_from_yaml_and_csv_are_kept() -> None:

@@ -143,6 +143,14 @@ def test_load_image_applies_exif_orientation(tmp_path: Path) -> None:
     assert pixels.shape == (160, 80, 3) and pixels.dtype == np.uint8
 
 
+def test_a_camera_jpeg_with_a_preview_is_a_still(tmp_path: Path) -> None:
+    """Phones write MPO: a JPEG carrying a preview or gain map as a second image."""
+    main, preview = Image.new("RGB", (96, 96), (10, 20, 30)), Image.new("RGB", (32, 32))
+    main.save(tmp_path / "phone.jpg", format="MPO", save_all=True, append_images=[preview])
+    assert Image.open(tmp_path / "phone.jpg").format == "MPO"
+    assert media.load_image(tmp_path / "phone.jpg").shape == (96, 96, 3)
+
+
 def test_cmyk_and_16_bit_portraits_are_converted_not_clipped(tmp_path: Path) -> None:
     Image.new("CMYK", (64, 64), (0, 0, 0, 0)).save(tmp_path / "print.jpg")  # no ink: white
     assert media.load_image(tmp_path / "print.jpg").min() >= 250

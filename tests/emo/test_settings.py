@@ -61,6 +61,7 @@ BAD_SETTINGS = [
     ("EMO_STORE_URL", "s3://bucket/prefix", "EMO_S3_ENDPOINT must be set"),
     ("EMO_S3_ENDPOINT", "http://minio:9000", "give host:port"),
     ("EMO_S3_ENDPOINT", "minio:9000/emo", "give host:port"),
+    ("EMO_S3_ENDPOINT", "minio:99999", "give host:port"),
     ("EMO_S3_PUBLIC_ENDPOINT", "ftp://files.studio.com", "give host:port or https://host"),
     ("EMO_S3_SECURE", "maybe", "valid boolean"),
     ("EMO_LINK_SECONDS", "10", "greater than or equal to 60"),
@@ -112,6 +113,9 @@ def test_a_bad_setting_is_one_error_naming_it(
     [
         ("EMO_S3_ENDPOINT", "minio.emo.svc:9000"),
         ("EMO_S3_ENDPOINT", "[::1]:9000"),
+        ("EMO_S3_ENDPOINT", "emo_minio:9000"),  # a compose service name
+        ("EMO_S3_ENDPOINT", "[fe80::1%eth0]:9000"),
+        ("EMO_GPU_CLASS", "rtx4090"),
         ("EMO_S3_PUBLIC_ENDPOINT", "https://files.studio.com"),
         ("EMO_DEVICE", "cuda:1"),
         ("EMO_DATABASE_URL", "postgresql://emo:secret@db:5432/emo"),
@@ -132,3 +136,19 @@ def test_the_cli_prints_a_bad_setting_as_one_line() -> None:
     assert result.stderr.splitlines() == [
         "error: invalid setting: EMO_DEVICE: use auto, cpu, cuda, cuda:N or mps"
     ]
+
+
+@pytest.mark.parametrize(
+    ("url", "shown"),
+    [
+        ("postgresql+psycopg://emo:ab/cd@db/emo", "postgresql+psycopg://emo:***@db/emo"),
+        ("postgresql://emo:p@ss:w@db:5432/emo", "postgresql://emo:***@db:5432/emo"),
+        ("postgresql://db/emo?password=hunter2", "postgresql://db/emo?password=%2A%2A%2A"),
+        ("redis://:pw@cache:6379/0", "redis://:***@cache:6379/0"),
+        ("s3://bucket/prefix", "s3://bucket/prefix"),
+    ],
+)
+def test_passwords_are_hidden_however_they_are_written(url: str, shown: str) -> None:
+    from emo.settings import hide_password
+
+    assert hide_password(url) == shown

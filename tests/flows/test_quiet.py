@@ -74,3 +74,16 @@ def test_quiet_run_logs_still_reach_the_prefect_api(
             time.sleep(0.5)
     assert marker in [log.message for log in logs]  # the UI shows it
     assert marker not in capfd.readouterr().err  # the terminal does not
+
+
+def test_a_render_option_problem_names_the_option_not_emos_manifest() -> None:
+    from emo.cli_jobs import user_problems
+
+    problems = [
+        "job 'out' (row 1), speed: Value error, speed is a level from 0 to 1",
+        "job 'out' (row 1): no face found in cat.png; give a face box",
+    ]
+    assert user_problems(problems) == (
+        "speed: Value error, speed is a level from 0 to 1; "
+        "no face found in cat.png; give a face box"
+    )
