@@ -18,11 +18,13 @@ FILESYSTEM = "prefect.server.concurrency.lease_storage.filesystem"
 MEMORY = "prefect.server.concurrency.lease_storage.memory"
 
 
-def _client(api: str):
+def _client(server: PrefectServer):
+    """A client of ``server``, with its auth string (the harness's server requires one)."""
     from prefect.client.orchestration import get_client
-    from prefect.settings import PREFECT_API_URL, temporary_settings
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
 
-    with temporary_settings({PREFECT_API_URL: api}):
+    settings = {PREFECT_API_URL: server.api, PREFECT_API_AUTH_STRING: server.auth_string}
+    with temporary_settings(settings):
         return get_client(sync_client=True)
 
 
@@ -42,7 +44,7 @@ def test_a_restarted_server_renews_the_leases_it_granted_when_they_are_on_disk(
     )
     server.start()
     try:
-        with _client(server.api) as client:
+        with _client(server) as client:
             client.create_global_concurrency_limit(
                 GlobalConcurrencyLimitCreate(name="gpu", limit=1)
             )
@@ -51,7 +53,7 @@ def test_a_restarted_server_renews_the_leases_it_granted_when_they_are_on_disk(
             ).json()
         server.stop()
         server.start()
-        with _client(server.api) as client:
+        with _client(server) as client:
             try:
                 client.renew_concurrency_lease(lease_id=granted["lease_id"], lease_duration=300)
                 renewed = True
