@@ -15,7 +15,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
-from sqlalchemy.engine import make_url
 from sqlalchemy.exc import OperationalError
 
 from emo import embedded_prefect
@@ -362,7 +361,7 @@ def main() -> None:
     except EmoError as error:
         _fail(str(error), error.exit_code)
     except OperationalError as error:
-        url = make_url(get_settings().resolved_database_url).render_as_string(hide_password=True)
+        url = hide_password(get_settings().resolved_database_url)
         reason = str(error.orig or error).strip().splitlines()[0]
         _fail(f"database {url} is not reachable ({reason}); check EMO_DATABASE_URL", 3)
     except KeyboardInterrupt:

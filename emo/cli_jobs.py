@@ -29,7 +29,12 @@ from emo.errors import EmoError, InputError, NotFound, SettingsError
 from emo.manifest import ManifestError
 from emo.settings import get_settings
 
-console = Console(soft_wrap=True)  # paths and URLs stay on one line, copyable
+console = Console(soft_wrap=True)
+# --allow-cost of submit and validate: lets a batch over EMO_MAX_BATCH_GPU_HOURS through.
+AllowCost = Annotated[
+    float | None,
+    typer.Option(help="GPU-hours the batch may take in all, over EMO_MAX_BATCH_GPU_HOURS", min=0),
+]  # paths and URLs stay on one line, copyable
 ASSETS = Path(__file__).resolve().parent / "assets"
 
 
@@ -193,12 +198,7 @@ def submit(
     manifest: Annotated[str, typer.Argument(help="manifest (.yaml, .json, .csv; path or s3://)")],
     output_dir: Annotated[Path | None, typer.Option(help="also copy finished videos here")] = None,
     wait: Annotated[bool, typer.Option(help="wait for deployment runs to finish")] = False,
-    allow_cost: Annotated[
-        float | None,
-        typer.Option(
-            help="GPU-hours this batch may take (when over EMO_MAX_BATCH_GPU_HOURS)", min=0
-        ),
-    ] = None,
+    allow_cost: AllowCost = None,
 ) -> None:
     """Submit a batch: validate, pre-flight, register, render (inline) or dispatch."""
     from flows.submit_batch import submit_batch
@@ -230,12 +230,7 @@ def validate(
         str | None, typer.Option(help="where relative inputs are (default: next to it)")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print the jobs as JSON")] = False,
-    allow_cost: Annotated[
-        float | None,
-        typer.Option(
-            help="GPU-hours this batch may take (when over EMO_MAX_BATCH_GPU_HOURS)", min=0
-        ),
-    ] = None,
+    allow_cost: AllowCost = None,
 ) -> None:
     """Check a manifest as a submit would (every input fetched and decoded, faces, limits,
     the estimate) without registering or storing anything. Exit 0 when valid; 2 with every

@@ -16,7 +16,14 @@ from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
 
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from emo.errors import SettingsError
@@ -27,6 +34,11 @@ ENDPOINT = re.compile(
     r"([A-Za-z0-9_.-]+|\[[0-9a-fA-F:.]+(%[A-Za-z0-9_.-]+)?\])"
     r"(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?"
 )
+# Settings that are one word of a small language: (pattern, what to give instead).
+PATTERNS = {
+    "device": (r"auto|cpu|mps|cuda(:\d+)?", "use auto, cpu, cuda, cuda:N or mps"),
+    "render_deployment": (r"[^/\s]+/[^/\s]+", "give the deployment as flow-name/deployment-name"),
+}
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
 
@@ -186,18 +198,12 @@ class Settings(BaseSettings):
                 raise ValueError("give host:port or https://host, e.g. https://files.studio.com")
         return value
 
-    @field_validator("device", mode="after")
+    @field_validator("device", "render_deployment", mode="after")
     @classmethod
-    def _check_device(cls, value: str) -> str:
-        if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", value):
-            raise ValueError("use auto, cpu, cuda, cuda:N or mps")
-        return value
-
-    @field_validator("render_deployment", mode="after")
-    @classmethod
-    def _check_deployment(cls, value: str) -> str:
-        if not re.fullmatch(r"[^/\s]+/[^/\s]+", value):
-            raise ValueError("give the deployment as flow-name/deployment-name")
+    def _check_pattern(cls, value: str, info: ValidationInfo) -> str:
+        pattern, fix = PATTERNS[info.field_name]
+        if not re.fullmatch(pattern, value):
+            raise ValueError(fix)
         return value
 
     @field_validator("input_roots", mode="after")
