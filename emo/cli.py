@@ -18,11 +18,16 @@ from rich.table import Table
 from sqlalchemy.exc import OperationalError
 
 from emo import embedded_prefect
+
+try:  # typer 0.2x carries its own copy of click
+    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+except ImportError:  # older typer runs on click itself
+    from click.exceptions import NoArgsIsHelpError, UsageError
 from emo.cli_jobs import register as register_job_commands
 from emo.cli_ops import register as register_ops_commands
 from emo.cli_training import register as register_training_commands
 from emo.errors import EmoError, SettingsError
-from emo.quiet import quiet_console
+from emo.quiet import SERVICE_COMMANDS, quiet_console
 from emo.settings import get_settings, hide_password
 
 app = typer.Typer(
@@ -40,6 +45,7 @@ console = Console()
 
 @app.callback()
 def _options(
+    context: typer.Context,
     verbose: Annotated[
         bool,
         typer.Option(
@@ -48,7 +54,7 @@ def _options(
     ] = False,
 ) -> None:
     """EMO talking/singing portrait video generation and batch production."""
-    if not verbose:
+    if not verbose and context.invoked_subcommand not in SERVICE_COMMANDS:
         quiet_console()
 
 
@@ -346,27 +352,51 @@ def show_settings() -> None:
         typer.echo(f"{name} = {hide_password(value) if isinstance(value, str) else value}")
 
 
-def _fail(message: str, code: int) -> None:
+def _fail(message: str, code: int) -> int:
     Console(stderr=True, soft_wrap=True).print(
         f"[bold red]error:[/] {escape(message)}", highlight=False
     )
-    sys.exit(code)
+    return code
 
 
-def main() -> None:
-    """Console entry point: settings are checked first; errors print one line, no traceback."""
+def _usage(error: UsageError) -> int:
+    """A command-line mistake as one line: what is wrong and where the command's help is."""
+    if isinstance(error, NoArgsIsHelpError):
+        typer.echo(error.ctx.get_help() if error.ctx else "")
+        return error.exit_code
+    command = error.ctx.command_path if error.ctx else "emo"
+    message = " ".join(error.format_message().split())
+    return _fail(f"{message} (see '{command} --help')", error.exit_code)
+
+
+def run(argv: list[str] | None = None) -> int:
+    """Run one ``emo`` command and return its exit code: settings are checked first, and
+    every user-facing error is one line on stderr with no traceback (``EmoError``: its own
+    code; a usage mistake: 2; an unreachable database: 3). The console script calls this;
+    tests call it in-process to see exactly what a user sees."""
     try:
         embedded_prefect.configure(get_settings().home)
-        app()
+        code = app(args=argv, prog_name="emo", standalone_mode=False)
+    except UsageError as error:
+        return _usage(error)
+    except typer.Abort:  # end of input at a prompt
+        return _fail("aborted", 1)
     except EmoError as error:
-        _fail(str(error), error.exit_code)
+        return _fail(str(error), error.exit_code)
     except OperationalError as error:
         url = hide_password(get_settings().resolved_database_url)
         reason = str(error.orig or error).strip().splitlines()[0]
-        _fail(f"database {url} is not reachable ({reason}); check EMO_DATABASE_URL", 3)
+        return _fail(f"database {url} is not reachable ({reason}); check EMO_DATABASE_URL", 3)
     except KeyboardInterrupt:
+        code = 130
+    if code == 130:
         Console(stderr=True).print("interrupted")
-        sys.exit(130)
+    return code if isinstance(code, int) else 0
+
+
+def main() -> None:
+    """Console entry point (``emo``)."""
+    sys.exit(run())
 
 
 register_job_commands(app)

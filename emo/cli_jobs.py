@@ -14,6 +14,7 @@ import re
 import subprocess
 import sys
 import time
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -25,8 +26,8 @@ from rich.table import Table
 
 from emo import progress
 from emo.embedded_prefect import watch_ephemeral_servers
-from emo.errors import EmoError, InputError, NotFound, SettingsError
-from emo.manifest import ManifestError
+from emo.errors import EmoError, InputError, NotFound
+from emo.manifest import MAX_NAME_BYTES, ManifestError
 from emo.settings import get_settings
 
 console = Console(soft_wrap=True)
@@ -54,21 +55,29 @@ class ClipProgress:
         self.task = self.bar.add_task("preparing", total=1)
         self.done_steps: dict[int, int] = {}
 
+    def _show(self) -> None:
+        """Start drawing at the first news from a render, so a command that fails or only
+        registers prints no empty bar."""
+        if not self.bar.live.is_started:
+            self.bar.start()
+
     def step(self, clip: int, step: int, steps: int, total_clips: int) -> None:
+        self._show()
         self.done_steps[clip] = step
         self.bar.update(
             self.task, total=total_clips, completed=sum(s / steps for s in self.done_steps.values())
         )
 
     def segment(self, index: int, total: int) -> None:
+        self._show()
         self.bar.update(self.task, description=f"segment {index + 1}/{total}")
 
     def waiting(self, message: str) -> None:
+        self._show()
         self.bar.console.print(f"[yellow]{escape(message)}[/]")
         self.bar.update(self.task, description="waiting for a GPU slot")
 
     def __enter__(self) -> ClipProgress:
-        self.bar.start()
         progress.listen(self)
         return self
 
@@ -78,14 +87,19 @@ class ClipProgress:
 
 
 def _safe_name(text: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:200] or "render"
+    """An output file's stem as a job name (``emo.manifest.NAME``): other characters become
+    '_', and it is cut to whole characters within ``MAX_NAME_BYTES``."""
+    name = re.sub(r"[^\w.-]", "_", unicodedata.normalize("NFC", text))
+    while len(name.encode()) > MAX_NAME_BYTES:
+        name = name[:-1]
+    return name if name not in ("", ".", "..") else "render"
 
 
 def _job_manifest(image: Path, audio: Path, name: str, options: dict[str, Any]) -> Path:
     """A one-job manifest under EMO_HOME; same inputs and options -> same job."""
     for path, kind in ((image, "image"), (audio, "audio")):
         if not path.is_file():
-            raise SettingsError(f"{kind} file {str(path)!r} does not exist")
+            raise InputError(f"{kind} file {str(path)!r} does not exist")
     document = {
         "name": f"render-{name}",
         "jobs": [
@@ -142,6 +156,12 @@ def _report(result: dict[str, Any]) -> None:
         console.print(f"Prefect run: `emo serve`, then http://127.0.0.1:4200/{run}")
 
 
+RENDER_OPTIONS = frozenset(
+    {"seed", "steps", "guidance", "speed", "segment_seconds", "format", "scheduler"}
+    | {"face_box", "face_policy"}
+)
+
+
 def render(
     image: Annotated[Path, typer.Argument(help="reference portrait")],
     audio: Annotated[Path, typer.Argument(help="vocal track")],
@@ -160,11 +180,9 @@ def render(
     ] = None,
 ) -> None:
     """Render one portrait + vocal track end to end (the same flow as a batch job)."""
-    _use_weights(weights)
-    watch_ephemeral_servers()
-    from flows.render_track import render_track
-    from flows.submit_batch import submit_batch
+    from emo.manifest import parse_manifest
 
+    _use_weights(weights)
     options = {
         "seed": seed,
         "steps": steps,
@@ -178,6 +196,11 @@ def render(
     }
     manifest = _job_manifest(image, audio, _safe_name(output.stem), options)
     try:
+        parse_manifest(manifest.read_bytes(), source=str(manifest))  # before Prefect starts
+        watch_ephemeral_servers()
+        from flows.render_track import render_track
+        from flows.submit_batch import submit_batch
+
         registered = submit_batch(manifest=str(manifest), render=False)
     except ManifestError as error:  # the manifest is emo's own: speak of the user's files
         raise InputError(user_problems(error.problems)) from None
@@ -190,8 +213,17 @@ def render(
 
 
 def user_problems(problems: list[str]) -> str:
-    """A one-job manifest's problems without the job and row emo's own manifest gave them."""
-    return "; ".join(re.sub(r"^job '[^']*' \(row \d+\)(: |, )", "", p) for p in problems)
+    """A one-job manifest's problems as ``emo render``'s user sees them: without the job and
+    row of emo's own manifest, and with a field named as the option that set it."""
+
+    def plain(problem: str) -> str:
+        problem = re.sub(r"^job '[^']*' \(row \d+\)(: |, )", "", problem)
+        field = re.match(r"^([a-z_]+): ", problem)
+        if field and field.group(1) in RENDER_OPTIONS:
+            return f"--{field.group(1).replace('_', '-')}{problem[len(field.group(1)) :]}"
+        return problem
+
+    return "; ".join(plain(p) for p in problems)
 
 
 def submit(
@@ -201,11 +233,14 @@ def submit(
     allow_cost: AllowCost = None,
 ) -> None:
     """Submit a batch: validate, pre-flight, register, render (inline) or dispatch."""
+    from emo.manifest import parse_manifest, read_manifest_source
+
+    settings = get_settings()
+    data, _ = read_manifest_source(manifest, settings)
+    parse_manifest(data, source=manifest)  # a bad manifest fails now, before Prefect starts
     from flows.submit_batch import submit_batch
 
     watch_ephemeral_servers()
-
-    settings = get_settings()
     render_now = settings.dispatch == "inline" or wait
     with ClipProgress():
         result = submit_batch(
@@ -370,9 +405,9 @@ def resume(
     from flows.render_track import render_track
 
     if (job is None) == (not failed):
-        raise SettingsError("give a job id, or --failed (not both)")
+        raise InputError("give a job id, or --failed (not both)")
     if failed and (output is not None or new_weights):
-        raise SettingsError("-o/--output and --new-weights name one job; not with --failed")
+        raise InputError("-o/--output and --new-weights name one job; not with --failed")
     if new_weights:
         _repin(job)
     with services().sessions() as session:
@@ -417,13 +452,13 @@ def _require_pinned(job_id: str, weights: Path) -> None:
         pinned, status = job.weights_sha256, job.status.value
     wanted = bundle_sha256(resolve_weights(get_settings()))  # --weights, as EMO_WEIGHTS
     if pinned is not None and pinned != wanted and status in ("succeeded", "cancelled"):
-        raise SettingsError(
+        raise InputError(
             f"these inputs and options were already rendered (job {job_id}, {status}) with "
             f"weights {pinned[:12]}, not {wanted[:12]} ({weights}); give the render another "
             "-o name to render them again with this bundle as a new job"
         )
     if pinned is not None and pinned != wanted:
-        raise SettingsError(
+        raise InputError(
             f"job {job_id} (these inputs and options) was registered with weights "
             f"{pinned[:12]}, not {wanted[:12]} ({weights}); `EMO_WEIGHTS={weights} emo resume "
             f"{job_id[:12]} --new-weights` renders it again with that bundle"

@@ -63,3 +63,5 @@ class EpochSuperseded(JobStateError):
 
 class NotFound(EmoError):
     """A batch, job or segment named by the caller does not exist."""
+
+    exit_code = 2

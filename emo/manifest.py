@@ -23,15 +23,22 @@ import itertools
 import json
 import math
 import re
+import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
+from urllib.parse import urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from emo.confine import input_problem
 from emo.errors import EmoError
+from emo.settings import Settings
 
-NAME = re.compile(r"^[A-Za-z0-9._-]{1,200}$")
+# A job's name names its output file and a batch's its folder: letters and digits of any
+# script, '_', '-' and '.'; at most 200 bytes of UTF-8 (file systems allow 255 per name).
+NAME = re.compile(r"^[\w.-]+$")
+MAX_NAME_BYTES = 200
 # A cell a spreadsheet would run: =, @, or + / - not starting a number.
 FORMULA = re.compile(r"[=@]|[+-](?![\d.])")
 MAX_MANIFEST_BYTES = 10 * 1024 * 1024  # about 50,000 jobs; a bigger batch is split
@@ -46,9 +53,12 @@ class ManifestError(EmoError):
     exit_code = 2
 
     def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = problems
-        listing = "\n".join(f"  - {p}" for p in problems)
-        super().__init__(f"manifest {source} has {len(problems)} problem(s):\n{listing}")
+        self.problems = [" ".join(p.split()) for p in problems]  # a parser's message: one line
+        if len(self.problems) == 1:
+            super().__init__(f"manifest {source}: {self.problems[0]}")
+            return
+        listing = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(f"manifest {source} has {len(problems)} problems:\n{listing}")
 
 
 def _is_number(value: Any) -> bool:
@@ -57,6 +67,17 @@ def _is_number(value: Any) -> bool:
 
 def _is_level(value: Any) -> bool:
     return _is_number(value) and 0 <= value <= 1
+
+
+def safe_name(value: str, use: str) -> str:
+    """``value`` in Unicode normal form C if it can name a file on any system; else
+    ``ValueError`` saying what a name may hold (``use``: what the name is for)."""
+    name = unicodedata.normalize("NFC", value)  # one spelling of "é", whatever typed it
+    if not NAME.match(name) or name in (".", "..") or len(name.encode()) > MAX_NAME_BYTES:
+        raise ValueError(
+            f"use letters, digits, '-', '_' and '.' only, at most {MAX_NAME_BYTES} bytes ({use})"
+        )
+    return name
 
 
 class JobOptions(BaseModel):
@@ -135,9 +156,7 @@ class JobEntry(JobOptions):
     @field_validator("name")
     @classmethod
     def _safe_name(cls, value: str) -> str:
-        if not NAME.match(value) or value in (".", ".."):
-            raise ValueError("use letters, digits, '-', '_' and '.' only (it names the output)")
-        return value
+        return safe_name(value, "it names the output file")
 
 
 class Manifest(BaseModel):
@@ -150,9 +169,7 @@ class Manifest(BaseModel):
     @field_validator("name")
     @classmethod
     def _safe_batch_name(cls, value: str) -> str:
-        if not NAME.match(value):
-            raise ValueError("use letters, digits, '-', '_' and '.' only")
-        return value
+        return safe_name(value, "it names the batch's folder")
 
     def job_options(self, job: JobEntry) -> dict[str, Any]:
         """The job's parameters with the batch defaults filled in (unset ones omitted)."""
@@ -195,14 +212,19 @@ def _place(document: dict[str, Any], location: tuple[Any, ...]) -> str:
     return ".".join(str(p) for p in location) or "manifest"
 
 
+def manifest_too_big(size: int) -> str:
+    """The problem of a manifest of ``size`` bytes, over ``MAX_MANIFEST_BYTES``."""
+    limit = MAX_MANIFEST_BYTES / 2**20
+    return f"is {size / 2**20:.1f} MB; the limit is {limit:g} MB: split the batch"
+
+
 def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tuple[Manifest, str]:
     """Validate manifest bytes; return it with its sha256 (the batch's identity)."""
     kind = kind or Path(source).suffix.lower().lstrip(".").replace("yml", "yaml")
     if kind not in ("yaml", "json", "csv"):
         raise ManifestError(source, ["unknown format: name the file .yaml, .json or .csv"])
     if len(data) > MAX_MANIFEST_BYTES:
-        size = f"{len(data) / 2**20:.1f} MB"
-        raise ManifestError(source, [f"is {size}; the limit is 10 MB: split the batch"])
+        raise ManifestError(source, [manifest_too_big(len(data))])
     try:
         document = _parse(data, kind, source)
     except (ValueError, yaml.YAMLError, csv.Error) as error:
@@ -212,7 +234,10 @@ def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tupl
     try:
         manifest = Manifest.model_validate(document)
     except ValidationError as error:
-        problems = [f"{_place(document, tuple(e['loc']))}: {e['msg']}" for e in error.errors()]
+        problems = [
+            f"{_place(document, tuple(e['loc']))}: {e['msg'].removeprefix('Value error, ')}"
+            for e in error.errors()
+        ]
         raise ManifestError(source, problems) from None
     seen: dict[str, int] = {}
     duplicates = []
@@ -229,9 +254,22 @@ def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tupl
     return manifest, hashlib.sha256(data).hexdigest()
 
 
-def read_manifest(path: Path | str) -> tuple[Manifest, str]:
-    """Read and validate a manifest file."""
-    path = Path(path)
+def read_manifest_source(source: str, settings: Settings) -> tuple[bytes, str]:
+    """Manifest bytes from a path, file:// or s3:// URI; and the base for relative inputs.
+    The manifest itself must come from where inputs may (EMO_INPUT_ROOTS, EMO_INPUT_BUCKETS)."""
+    problem = input_problem(source, settings=settings, inbox=False)
+    if problem is not None:
+        raise ManifestError(source, [f"the manifest {problem}"])
+    parsed = urlparse(source)
+    if parsed.scheme == "s3":
+        from emo.store import open_store
+
+        store = open_store(f"s3://{parsed.netloc}", settings)
+        key = parsed.path.lstrip("/")
+        return store.get_bytes(key), source.rsplit("/", 1)[0]
+    path = Path(parsed.path if parsed.scheme == "file" else source)
     if not path.is_file():
-        raise ManifestError(str(path), ["file does not exist"])
-    return parse_manifest(path.read_bytes(), source=str(path))
+        raise ManifestError(source, ["file does not exist"])
+    if path.stat().st_size > MAX_MANIFEST_BYTES:  # refused before it is read into memory
+        raise ManifestError(source, [manifest_too_big(path.stat().st_size)])
+    return path.read_bytes(), str(path.parent.absolute())

@@ -41,6 +41,7 @@ DAMAGE = re.compile(
     r"invalid residual|partial file|end of file",
     re.IGNORECASE,
 )
+FFMPEG_PREFIX = re.compile(r"^\s*(\[[^\]]*@ 0x[0-9a-f]+\]\s*)+")
 DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 # What a vocal track may be: audio containers and the video containers a take comes in. No
 # demuxer that opens other files by name (hls playlists, concat scripts, image2 patterns,
@@ -81,8 +82,13 @@ def _run(args: list[str], what: Path | str) -> subprocess.CompletedProcess[bytes
         ) from None
 
 
+def _plain(line: str) -> str:
+    """An ffmpeg message without its ``[component @ 0xaddress]`` prefix."""
+    return FFMPEG_PREFIX.sub("", line).strip()
+
+
 def _last_error(stderr: str) -> str:
-    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    lines = [_plain(line) for line in stderr.splitlines() if _plain(line)]
     for line in reversed(lines):
         if "rror" in line or "nvalid" in line or "not" in line:
             return line
@@ -122,14 +128,24 @@ def _vocal_input(path: Path) -> ffmpeg.nodes.FilterableStream:
     )
 
 
-def load_audio(
-    path: Path | str, sample_rate: int, *, max_seconds: float | None = None
-) -> np.ndarray:
-    """Decode the first audio stream of ``path`` as mono float32 at ``sample_rate``: (N,).
+AUDIO_CHUNK_BYTES = 1 << 20  # read from ffmpeg's pipe at a time (a multiple of 4: whole samples)
 
-    With ``max_seconds``, a longer track is refused (``EMO_MAX_TRACK_SECONDS``) after decoding
-    at most a second past the limit, so a 10-hour file never fills memory."""
-    path = require_file(path, "audio")
+
+@dataclass(frozen=True)
+class DecodedAudio:
+    """What one decode of a vocal track gave: the samples (when kept) and their count."""
+
+    samples: np.ndarray | None  # (N,) float32 mono, or None when only counted
+    count: int
+
+
+def _decode_audio(
+    path: Path, sample_rate: int, max_seconds: float | None, *, keep: bool
+) -> DecodedAudio:
+    """Decode ``path`` once, streaming ffmpeg's output: each chunk is checked for NaN and
+    either appended in place (``keep``) or only counted. Memory is one copy of the samples at
+    most; ffmpeg's messages go to a temporary file, so a damaged file that prints an error per
+    frame cannot fill the pipe and stall the decode."""
     limit = {"t": max_seconds + 1} if max_seconds is not None else {}
     args = (
         _vocal_input(path)
@@ -145,9 +161,49 @@ def load_audio(
         .global_args("-hide_banner", "-nostdin", "-nostats")
         .compile(cmd=ffmpeg_exe())
     )
-    result = _run(args, path)
-    stderr = result.stderr.decode(errors="replace")
-    if result.returncode != 0:
+    kept, count, broken = bytearray(), 0, 0
+    with tempfile.TemporaryFile() as messages:
+        try:
+            process = subprocess.Popen(
+                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=messages
+            )
+        except FileNotFoundError:
+            raise MediaError(
+                f"ffmpeg not found at {args[0]!r} (needed for {path}); "
+                "set EMO_FFMPEG to an ffmpeg binary"
+            ) from None
+        with process:
+            stdout = cast(IO[bytes], process.stdout)
+            while chunk := stdout.read(AUDIO_CHUNK_BYTES):
+                block = np.frombuffer(chunk, np.float32, count=len(chunk) // 4)  # (n,)
+                count += block.size
+                broken += int(block.size - np.count_nonzero(np.isfinite(block)))
+                if keep:
+                    kept += chunk
+        messages.seek(0)
+        stderr = messages.read().decode(errors="replace")
+    _check_decode(path, process.returncode, stderr)
+    _check_length(path, count / sample_rate, _declared_seconds(stderr), max_seconds)
+    damage = [_plain(line) for line in stderr.splitlines() if DAMAGE.search(line)]
+    if damage:
+        raise MediaError(
+            f"audio file {str(path)!r} is truncated or corrupt ({damage[0].rstrip('.')}); "
+            "export it again"
+        )
+    if count == 0:
+        raise MediaError(f"audio file {str(path)!r} contains no audio samples (zero length)")
+    if broken:
+        raise MediaError(
+            f"audio file {str(path)!r} has {broken} samples that are not numbers (NaN or "
+            "infinite); export it again"
+        )
+    samples = np.frombuffer(kept, np.float32, count=count) if keep else None  # no copy
+    return DecodedAudio(samples=samples, count=count)
+
+
+def _check_decode(path: Path, returncode: int, stderr: str) -> None:
+    """A failed decode as one ``MediaError`` naming the file."""
+    if returncode != 0:
         if "matches no streams" in stderr:
             raise MediaError(f"audio file {str(path)!r} has no audio stream")
         if "not on whitelist" in stderr:
@@ -155,21 +211,19 @@ def load_audio(
                 f"audio file {str(path)!r} is not in a format emo reads (it may be a playlist or "
                 f"a script that names other files); give a {AUDIO_NAMES} file"
             )
+        if "Invalid data found when processing input" in stderr:
+            raise MediaError(
+                f"audio file {str(path)!r} cannot be decoded: it is not audio, or it is damaged; "
+                f"give a {AUDIO_NAMES} file"
+            )
         raise MediaError(f"audio file {str(path)!r} cannot be decoded: {_last_error(stderr)}")
-    damage = [line.strip() for line in stderr.splitlines() if DAMAGE.search(line)]
-    if damage:
-        raise MediaError(f"audio file {str(path)!r} is truncated or corrupt: {damage[0]}")
-    audio = np.frombuffer(result.stdout, dtype=np.float32).copy()  # (N,)
-    if audio.size == 0:
-        raise MediaError(f"audio file {str(path)!r} contains no audio samples (zero length)")
-    broken = int(np.count_nonzero(~np.isfinite(audio)))
-    if broken:
-        raise MediaError(
-            f"audio file {str(path)!r} has {broken} samples that are not numbers (NaN or "
-            "infinite); export it again"
-        )
-    decoded = audio.size / sample_rate
-    declared = _declared_seconds(stderr)
+
+
+def _check_length(
+    path: Path, decoded: float, declared: float | None, max_seconds: float | None
+) -> None:
+    """Refuse a track over the length limit, or one whose header promises more than decodes
+    (a truncated upload, or a header that lies about its length)."""
     if max_seconds is not None and max(decoded, declared or 0.0) > max_seconds:
         raise MediaError(
             f"audio file {str(path)!r} is longer than {max_seconds:g} s, the longest track "
@@ -182,7 +236,25 @@ def load_audio(
                 f"audio file {str(path)!r} is truncated: its header says "
                 f"{declared:.2f} s but only {decoded:.2f} s decode"
             )
-    return audio
+
+
+def load_audio(
+    path: Path | str, sample_rate: int, *, max_seconds: float | None = None
+) -> np.ndarray:
+    """Decode the first audio stream of ``path`` as mono float32 at ``sample_rate``: (N,).
+
+    With ``max_seconds``, a longer track is refused (``EMO_MAX_TRACK_SECONDS``) after decoding
+    at most a second past the limit, so a 10-hour file never fills memory."""
+    decoded = _decode_audio(require_file(path, "audio"), sample_rate, max_seconds, keep=True)
+    return cast(np.ndarray, decoded.samples)
+
+
+def audio_sample_count(
+    path: Path | str, sample_rate: int, *, max_seconds: float | None = None
+) -> int:
+    """The number of samples ``load_audio`` would return, with every check it makes, while
+    holding none of them (validation needs the length, not the track)."""
+    return _decode_audio(require_file(path, "audio"), sample_rate, max_seconds, keep=False).count
 
 
 # -- images --------------------------------------------------------------------------------

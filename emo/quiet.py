@@ -15,14 +15,23 @@ import sys
 from collections.abc import Iterator
 
 _quiet = False
+# Commands that run as services (a worker, a served deployment): their log is read by an
+# operator, in full, so they are never quiet.
+SERVICE_COMMANDS = frozenset({"serve", "worker"})
+# emo's own loggers: a retry or a re-rendered checkpoint is worth a line in a service's log,
+# not on the console of someone waiting for one render.
+OWN_LOGGERS = ("db", "emo", "flows")
 
 
 def quiet_console() -> None:
-    """Flow and task run logs go to the Prefect API only; native libraries keep to errors."""
+    """Flow and task run logs go to the Prefect API only; emo's own messages below errors and
+    the native libraries' chatter are dropped from the console."""
     global _quiet
     _quiet = True
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).propagate = False  # their own handler sends them to the API
+    for name in OWN_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
     os.environ.setdefault("GLOG_minloglevel", "2")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 

@@ -36,7 +36,12 @@ from emo import media
 from emo.confine import input_problem
 from emo.cost import gpu_seconds
 from emo.errors import EmoError, ObjectNotFound, StoreAuthError, StoreUnavailable
-from emo.manifest import Manifest, ManifestError, parse_manifest
+from emo.manifest import (
+    Manifest,
+    ManifestError,
+    parse_manifest,
+    read_manifest_source,
+)
 from emo.plan import frame_count
 from emo.render import (
     batch_key,
@@ -81,25 +86,6 @@ class PreparedJob:
     steps: int
     estimate_seconds: float
     face: str
-
-
-def read_source(source: str, settings: Settings) -> tuple[bytes, str]:
-    """Manifest bytes from a path, file:// or s3:// URI; and the base for relative inputs.
-    The manifest itself must come from where inputs may (EMO_INPUT_ROOTS, EMO_INPUT_BUCKETS)."""
-    problem = input_problem(source, settings=settings, inbox=False)
-    if problem is not None:
-        raise ManifestError(source, [f"the manifest {problem}"])
-    parsed = urlparse(source)
-    if parsed.scheme == "s3":
-        from emo.store import open_store
-
-        store = open_store(f"s3://{parsed.netloc}", settings)
-        key = parsed.path.lstrip("/")
-        return store.get_bytes(key), source.rsplit("/", 1)[0]
-    path = Path(parsed.path if parsed.scheme == "file" else source)
-    if not path.is_file():
-        raise ManifestError(source, ["file does not exist"])
-    return path.read_bytes(), str(path.parent.absolute())
 
 
 def _resolve(uri: str, base: str) -> str:
@@ -218,7 +204,7 @@ def preflight(
         try:
             pixels = media.load_image(inputs.image)
             region = portrait_region(pixels, params, Path(job.image).name)
-            samples = media.load_audio(
+            sample_count = media.audio_sample_count(
                 inputs.audio, settings.sample_rate, max_seconds=settings.max_track_seconds
             )
         except EmoError as error:
@@ -227,7 +213,7 @@ def preflight(
                 message = message.replace(str(local), uri)  # name the user's file, not our copy
             problems.append(f"{place}: {message}")
             continue
-        seconds = samples.size / settings.sample_rate
+        seconds = sample_count / settings.sample_rate
         clip_seconds = config.clip_frames / settings.fps
         if seconds < clip_seconds:
             problems.append(
@@ -239,7 +225,7 @@ def preflight(
             continue
 
         clips = -(
-            -frame_count(samples.size, settings.sample_rate, settings.fps) // config.clip_frames
+            -frame_count(sample_count, settings.sample_rate, settings.fps) // config.clip_frames
         )
         spec = JobSpec(
             name=job.name,
@@ -259,7 +245,7 @@ def preflight(
             PreparedJob(
                 spec=spec,
                 inputs=inputs,
-                seconds=samples.size / settings.sample_rate,
+                seconds=seconds,
                 clips=clips,
                 steps=params.steps,
                 estimate_seconds=gpu_seconds(clips, params.steps, config, settings.gpu_class),
@@ -468,7 +454,7 @@ def validate_manifest(
     """Everything a submit checks before registering (the manifest, fetching and decoding
     every input, faces, limits, the estimate), touching neither the job database nor the
     store: ``emo validate``. Raises ``ManifestError`` listing every problem."""
-    data, manifest_dir = read_source(source, settings)
+    data, manifest_dir = read_manifest_source(source, settings)
     parsed, sha = parse_manifest(data, source=source)
     scratch_root = settings.home / "scratch"
     scratch_root.mkdir(parents=True, exist_ok=True)
@@ -499,7 +485,7 @@ def submit_batch(
     ``allow_cost_hours`` lets a batch estimated above EMO_MAX_BATCH_GPU_HOURS through.
     """
     svc = services()
-    data, manifest_dir = read_source(manifest, svc.settings)
+    data, manifest_dir = read_manifest_source(manifest, svc.settings)
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)

@@ -45,6 +45,23 @@ def prefect_server() -> Iterator[str]:
         yield PREFECT_API_URL.value()
 
 
+@pytest.fixture
+def console_state() -> Iterator[None]:
+    """Put back what ``emo.quiet.quiet_console`` changes for the whole process (logger
+    propagation and levels), so a test that runs the CLI in-process leaves no trace."""
+    import logging
+
+    import emo.quiet
+
+    names = ("prefect.flow_runs", "prefect.task_runs", *emo.quiet.OWN_LOGGERS)
+    loggers = [logging.getLogger(name) for name in names]
+    before = [(logger.propagate, logger.level) for logger in loggers]
+    yield
+    for logger, (propagate, level) in zip(loggers, before, strict=True):
+        logger.propagate, logger.level = propagate, level
+    emo.quiet._quiet = False
+
+
 @dataclass
 class Studio:
     """Settings (as environment), store and inputs of one test's production setup."""

@@ -149,7 +149,7 @@ def test_cli_status_and_cancel(studio: Studio, tmp_path: Path, prefect_server: s
     again = run_emo("cancel", job_id, env=env)
     assert again.returncode == 1 and "cannot go from cancelled" in again.stderr
     unknown = run_emo("status", "nosuchjob", env=env)
-    assert unknown.returncode == 1 and "no single job" in unknown.stderr
+    assert unknown.returncode == 2 and "no single job" in unknown.stderr
 
 
 # Between registering and filing (copied, not yet deleted), and between filing and dispatching.

@@ -3,10 +3,8 @@ included) go to the Prefect API, where the UI shows them, not to the terminal.""
 
 from __future__ import annotations
 
-import logging
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -34,16 +32,10 @@ def test_a_portrait_without_a_face_is_one_line_naming_it(tmp_path: Path) -> None
 
 
 @pytest.fixture
-def quiet() -> Iterator[None]:
+def quiet(console_state: None) -> None:
     import emo.quiet
 
-    loggers = [logging.getLogger(n) for n in ("prefect.flow_runs", "prefect.task_runs")]
-    before = [logger.propagate for logger in loggers]
     emo.quiet.quiet_console()
-    yield
-    for logger, propagate in zip(loggers, before, strict=True):
-        logger.propagate = propagate
-    emo.quiet._quiet = False
 
 
 def test_quiet_run_logs_still_reach_the_prefect_api(
@@ -80,10 +72,9 @@ def test_a_render_option_problem_names_the_option_not_emos_manifest() -> None:
     from emo.cli_jobs import user_problems
 
     problems = [
-        "job 'out' (row 1), speed: Value error, speed is a level from 0 to 1",
+        "job 'out' (row 1), speed: speed is a level from 0 to 1",
         "job 'out' (row 1): no face found in cat.png; give a face box",
     ]
     assert user_problems(problems) == (
-        "speed: Value error, speed is a level from 0 to 1; "
-        "no face found in cat.png; give a face box"
+        "--speed: speed is a level from 0 to 1; no face found in cat.png; give a face box"
     )
