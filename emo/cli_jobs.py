@@ -410,7 +410,8 @@ def resume(
         raise InputError("-o/--output and --new-weights name one job; not with --failed")
     if new_weights:
         _repin(job)
-    with services().sessions() as session:
+    svc = services()
+    with svc.sessions() as session:
         if failed:
             ids = list(
                 session.scalars(
@@ -420,7 +421,11 @@ def resume(
                 )
             )
         else:
-            ids = [_find_job(session, job).id]
+            found = _find_job(session, job)
+            if found.status is JobStatus.SUCCEEDED and not new_weights:
+                _already_done(svc, found.id, found.output_uri, output)
+                return
+            ids = [found.id]
     if not ids:
         console.print("nothing to resume")
         return
@@ -438,6 +443,16 @@ def resume(
             console.print(f"[red]job {job_id}[/]: {error}")
     if errors:
         raise typer.Exit(1)
+
+
+def _already_done(svc: Any, job_id: str, output_uri: str, output: Path | None) -> None:
+    """Resuming a finished job renders nothing: say where its video is, and with ``-o``
+    copy it there (a single-file output; a PNG folder is fetched from the store)."""
+    if output is not None and Path(output_uri).suffix:
+        svc.store.get_file(svc.store.key_of(output_uri), output.absolute())
+        console.print(f"job {job_id} had already succeeded; its video is copied to {output}")
+        return
+    console.print(f"job {job_id} had already succeeded: {output_uri}")
 
 
 def _require_pinned(job_id: str, weights: Path) -> None:

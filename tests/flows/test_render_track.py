@@ -28,6 +28,7 @@ def _session(studio: Studio):
     return session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))()
 
 
+BOX = [0.2, 0.15, 0.8, 0.85]
 CANARY = "pw-canary-7f3a9"  # the job database's password in this test: never printed or stored
 
 
@@ -305,3 +306,49 @@ def test_mov_and_png_outputs(studio: Studio, tmp_path: Path) -> None:
 
     for i, j in ((0, frames - 1), (frames - 1, 0), (frames // 2, 0)):
         assert distance(pngs[i], i) < distance(pngs[i], j) / 2
+
+
+def test_awkward_but_valid_inputs_render(studio: Studio, tmp_path: Path) -> None:
+    """A Unicode job name, a CMYK camera JPEG stored on its side (EXIF orientation 6), a
+    video as the vocal track, and 48 kHz stereo: each is converted, not refused."""
+    import subprocess
+
+    import numpy as np
+    import soundfile
+    from PIL import Image
+
+    from tests.flows.conftest import speech
+
+    folder = tmp_path / "session"
+    folder.mkdir()
+    upright = Image.open(studio.portrait).convert("RGB")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: turn 90 degrees clockwise to show
+    upright.rotate(90, expand=True).convert("CMYK").save(folder / "side.jpg", exif=exif)
+    stereo = np.stack([speech(1.5), speech(1.5, seed=1)], axis=1)  # (N, 2) at 16 kHz
+    stereo = np.repeat(stereo, 3, axis=0)  # (3N, 2): 48 kHz
+    soundfile.write(folder / "take.wav", stereo, 48000, subtype="PCM_24")
+    subprocess.run(
+        [media.ffmpeg_exe(), "-v", "error", "-f", "lavfi", "-i", "testsrc=size=64x64:rate=25",
+         "-i", str(folder / "take.wav"), "-shortest", "-c:v", "libx264", "-pix_fmt", "yuv420p",
+         "-c:a", "aac", str(folder / "take.mp4")],
+        check=True,
+    )  # fmt: skip
+    name = "Ана-日本語"
+    jobs = [
+        {"name": name, "image": "side.jpg", "audio": "take.mp4", "face_box": BOX},
+        {"name": "stereo-48k", "image": str(studio.portrait), "audio": "take.wav", "steps": 2},
+    ]
+    path = folder / "awkward.yaml"
+    path.write_text(yaml.safe_dump({"name": "awkward", "jobs": jobs}, allow_unicode=True))
+
+    result = submit_batch(manifest=str(path), output_dir=str(tmp_path / "out"))
+
+    assert set(result["dispatched"].values()) == {"succeeded"}, result["table"]
+    for job in (name, "stereo-48k"):
+        info = media.probe(tmp_path / "out" / f"{job}.mp4")
+        assert info.video_frames == math.ceil(1.5 * 25)
+        assert info.first("audio") is not None
+    with _session(studio) as session:
+        job = session.get(Job, result["jobs"][name])
+        assert job.name == name and job.output_uri.endswith("final.mp4")

@@ -12,9 +12,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 from sqlalchemy import func, select
+from typer.testing import CliRunner
 
 from db.engine import make_engine, session_factory
 from db.models import Job, JobStatus, Segment, SegmentStatus
+from emo.cli import app
 from emo.media import iter_frames
 from flows.context import lease_owner
 from flows.render_track import render_track
@@ -95,6 +97,11 @@ def test_killed_render_resumes_from_its_last_checkpoint(
     )
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     assert f"segments rendered this run: {total - done_before}/{total}" in resumed.stdout
+    # Resuming it again renders nothing: exit 0, and -o copies the finished video.
+    again = CliRunner().invoke(app, ["resume", job.id[:12], "-o", str(tmp_path / "again.mp4")])
+    assert again.exit_code == 0, again.output
+    assert "had already succeeded" in again.output
+    assert (tmp_path / "again.mp4").read_bytes() == (tmp_path / "resumed.mp4").read_bytes()
 
     # The same job rendered without interruption, on fresh services, gives the same frames.
     from tests.services import pg_create_database, pg_drop_database
