@@ -32,7 +32,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from emo.confine import input_problem
-from emo.errors import EmoError
+from emo.errors import EmoError, ObjectNotFound
 from emo.settings import Settings
 
 # A job's name names its output file and a batch's its folder: letters and digits of any
@@ -266,6 +266,12 @@ def read_manifest_source(source: str, settings: Settings) -> tuple[bytes, str]:
 
         store = open_store(f"s3://{parsed.netloc}", settings)
         key = parsed.path.lstrip("/")
+        try:
+            size = store.stat(key).size
+        except ObjectNotFound:
+            raise ManifestError(source, ["object does not exist"]) from None
+        if size > MAX_MANIFEST_BYTES:  # refused before it is downloaded
+            raise ManifestError(source, [manifest_too_big(size)])
         return store.get_bytes(key), source.rsplit("/", 1)[0]
     path = Path(parsed.path if parsed.scheme == "file" else source)
     if not path.is_file():

@@ -416,10 +416,10 @@ def _register(
     *,
     inbox: bool,
     allow_cost_hours: float | None,
-) -> tuple[Batch, bool, dict[str, float]]:
+) -> tuple[Batch, bool, dict[str, PreparedJob]]:
     """Fetch and hash the inputs; find the batch of this content, or pre-flight, store and
-    register it (with each new job's estimated GPU seconds). The submit's copies of the
-    inputs are removed however it ends."""
+    register it (with each new job's pre-flight: track length, clips, estimated GPU time).
+    The submit's copies of the inputs are removed however it ends."""
     scratch = _submit_scratch(svc, sha)
     try:
         fetched = fetch_inputs(svc.settings, parsed, scratch, base, inbox)
@@ -439,7 +439,7 @@ def _register(
             batch, created = register_batch(
                 session=session, name=parsed.name, manifest_sha256=key, jobs=specs, actor=ACTOR
             )
-        return batch, created, {job.spec.name: job.estimate_seconds for job in prepared}
+        return batch, created, {job.spec.name: job for job in prepared}
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -489,7 +489,7 @@ def submit_batch(
     base = base or manifest_dir
 
     parsed, sha = parse_manifest(data, source=manifest)
-    batch, created, estimates = _register(
+    batch, created, prepared = _register(
         svc, parsed, sha, base, manifest, inbox=inbox, allow_cost_hours=allow_cost_hours
     )
     if deployment.id is not None and flow_run.parent_flow_run_id is None:
@@ -508,12 +508,16 @@ def submit_batch(
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)
         rows = batch_rows(jobs)
+    estimates = {name: job.estimate_seconds for name, job in prepared.items()}
     cost = ""
-    if estimates:
+    if prepared:  # a new batch: its pre-flight, per job and in all
         hours = sum(estimates.values()) / 3600
         cost = f"; estimated {hours:,.2f} GPU-hours on {svc.settings.gpu_class}"
         for row in rows:
-            row["estimated GPU seconds"] = round(estimates.get(row["job"], 0.0), 1)
+            job = prepared[row["job"]]
+            row["track seconds"] = round(job.seconds, 1)
+            row["clips"] = job.clips
+            row["estimated GPU seconds"] = round(job.estimate_seconds, 1)
     create_table_artifact(
         key=f"batch-{batch.id[:12]}",
         table=rows,

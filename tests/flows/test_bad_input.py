@@ -335,3 +335,18 @@ def test_a_bad_input_is_one_line_naming_it_and_nothing_is_kept(
     assert sorted(p.relative_to(folder) for p in folder.rglob("*")) == before
     scratch = studio.home / "scratch"
     assert not scratch.exists() or not any(scratch.rglob("*.*"))
+
+
+def test_a_manifest_in_the_store_is_sized_before_it_is_downloaded(
+    studio: Studio,
+    capfd: pytest.CaptureFixture[str],
+    entry_point: Callable[[list[str]], int],
+) -> None:
+    big = yaml.safe_dump({"name": "huge", "jobs": [GOOD]}).encode() + b"#" * 11 * 2**20
+    studio.store.put_bytes("manifests/huge.yaml", big)
+    for key, says in (("huge.yaml", "is 11.0 MB; the limit is 10 MB"), ("gone.yaml", "not exist")):
+        code = entry_point(["submit", f"{studio.store.url}/manifests/{key}"])
+        err = capfd.readouterr().err
+        assert code == 2 and len(err.splitlines()) == 1, err
+        assert f"manifests/{key}: " in err and says in err
+    assert _registered(studio) == {"batches": 0, "jobs": 0, "segments": 0}
