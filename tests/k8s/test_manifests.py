@@ -459,6 +459,22 @@ def test_gpu_job_template_renders_a_strictly_valid_job() -> None:
     assert box["args"] == ["prefect", "flow-run", "execute"]
 
 
+@pytest.mark.parametrize("pool", ["gpu", "cpu"])
+def test_the_workers_api_auth_string_is_not_copied_into_the_job(pool: str) -> None:
+    """A worker passes its Prefect settings to the Jobs it creates as plain env values, which
+    anyone who may read Jobs would see; the pool's env nulls the auth string, and the pod
+    reads it from the emo-app Secret instead."""
+    from prefect.settings import PREFECT_API_AUTH_STRING, temporary_settings
+
+    canary = "auth-canary-5d1e"
+    with temporary_settings({PREFECT_API_AUTH_STRING: canary}):  # as the worker's own
+        for values in ({}, SAMPLE):  # pool defaults; a deployment with env of its own
+            job, _ = render_job(pool, values)
+            assert canary not in json.dumps(job)
+            (box,) = job["spec"]["template"]["spec"]["containers"]
+            assert {"secretRef": {"name": "emo-app"}} in box["envFrom"]
+
+
 def test_gpu_job_template_defaults_and_cpu_pool_render_valid_jobs() -> None:
     job, _ = render_job("gpu", {})
     validate(job)
