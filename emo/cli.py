@@ -20,15 +20,18 @@ from sqlalchemy.exc import OperationalError
 from emo import embedded_prefect
 
 try:  # typer 0.2x carries its own copy of click
-    from typer._click.exceptions import NoArgsIsHelpError, UsageError
+    from typer._click import exceptions as click_errors
 except ImportError:  # older typer runs on click itself
-    from click.exceptions import NoArgsIsHelpError, UsageError
+    from click import exceptions as click_errors  # type: ignore[no-redef]
 from emo.cli_jobs import register as register_job_commands
 from emo.cli_ops import register as register_ops_commands
 from emo.cli_training import register as register_training_commands
 from emo.errors import EmoError, SettingsError
 from emo.quiet import SERVICE_COMMANDS, quiet_console
 from emo.settings import get_settings, hide_password
+
+UsageError = click_errors.UsageError
+NoArgsIsHelpError = getattr(click_errors, "NoArgsIsHelpError", ())  # click 8.2 and later
 
 app = typer.Typer(
     help="EMO talking/singing portrait video generation and batch production.",
@@ -361,8 +364,7 @@ def _fail(message: str, code: int) -> int:
 
 def _usage(error: UsageError) -> int:
     """A command-line mistake as one line: what is wrong and where the command's help is."""
-    if isinstance(error, NoArgsIsHelpError):
-        typer.echo(error.ctx.get_help() if error.ctx else "")
+    if isinstance(error, NoArgsIsHelpError):  # the help is printed as it is made
         return error.exit_code
     command = error.ctx.command_path if error.ctx else "emo"
     message = " ".join(error.format_message().split())

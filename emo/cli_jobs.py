@@ -27,7 +27,7 @@ from rich.table import Table
 from emo import progress
 from emo.embedded_prefect import watch_ephemeral_servers
 from emo.errors import EmoError, InputError, NotFound
-from emo.manifest import MAX_NAME_BYTES, ManifestError
+from emo.manifest import MAX_NAME_BYTES, ManifestError, name_character, parse_manifest
 from emo.settings import get_settings
 
 console = Console(soft_wrap=True)
@@ -86,11 +86,15 @@ class ClipProgress:
         self.bar.stop()
 
 
+RENDER_BATCH = "render-"  # a one-job batch of emo render is named after its output
+
+
 def _safe_name(text: str) -> str:
-    """An output file's stem as a job name (``emo.manifest.NAME``): other characters become
-    '_', and it is cut to whole characters within ``MAX_NAME_BYTES``."""
-    name = re.sub(r"[^\w.-]", "_", unicodedata.normalize("NFC", text))
-    while len(name.encode()) > MAX_NAME_BYTES:
+    """An output file's stem as a job name (``emo.manifest.safe_name``): other characters
+    become '_', and it is cut to whole characters so that its batch's name ("render-" and it)
+    fits ``MAX_NAME_BYTES``."""
+    name = "".join(c if name_character(c) else "_" for c in unicodedata.normalize("NFC", text))
+    while len(f"{RENDER_BATCH}{name}".encode()) > MAX_NAME_BYTES:
         name = name[:-1]
     return name if name not in ("", ".", "..") else "render"
 
@@ -101,7 +105,7 @@ def _job_manifest(image: Path, audio: Path, name: str, options: dict[str, Any]) 
         if not path.is_file():
             raise InputError(f"{kind} file {str(path)!r} does not exist")
     document = {
-        "name": f"render-{name}",
+        "name": f"{RENDER_BATCH}{name}",
         "jobs": [
             {
                 "name": name,
@@ -112,6 +116,10 @@ def _job_manifest(image: Path, audio: Path, name: str, options: dict[str, Any]) 
         ],
     }
     data = json.dumps(document, sort_keys=True, indent=2)
+    try:
+        parse_manifest(data.encode(), source="render.json")  # nothing is written for bad options
+    except ManifestError as error:  # the manifest is emo's own: speak of the user's options
+        raise InputError(user_problems(error.problems)) from None
     folder = get_settings().home / "manifests"
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{hashlib.sha256(data.encode()).hexdigest()[:16]}.json"
@@ -180,8 +188,6 @@ def render(
     ] = None,
 ) -> None:
     """Render one portrait + vocal track end to end (the same flow as a batch job)."""
-    from emo.manifest import parse_manifest
-
     _use_weights(weights)
     options = {
         "seed": seed,
@@ -196,7 +202,6 @@ def render(
     }
     manifest = _job_manifest(image, audio, _safe_name(output.stem), options)
     try:
-        parse_manifest(manifest.read_bytes(), source=str(manifest))  # before Prefect starts
         watch_ephemeral_servers()
         from flows.render_track import render_track
         from flows.submit_batch import submit_batch
@@ -446,13 +451,19 @@ def resume(
 
 
 def _already_done(svc: Any, job_id: str, output_uri: str, output: Path | None) -> None:
-    """Resuming a finished job renders nothing: say where its video is, and with ``-o``
-    copy it there (a single-file output; a PNG folder is fetched from the store)."""
-    if output is not None and Path(output_uri).suffix:
-        svc.store.get_file(svc.store.key_of(output_uri), output.absolute())
-        console.print(f"job {job_id} had already succeeded; its video is copied to {output}")
+    """Resuming a finished job renders nothing: say where its output is, and with ``-o`` copy
+    a video there when it is one of the same kind (a PNG job's frames are a zip in the store)."""
+    if output is None:
+        console.print(f"job {job_id} had already succeeded: {output_uri}")
         return
-    console.print(f"job {job_id} had already succeeded: {output_uri}")
+    kind = Path(output_uri).suffix
+    if kind not in (".mp4", ".mov") or output.suffix != kind or output.is_dir():
+        raise InputError(
+            f"job {job_id} had already succeeded; its output is {output_uri}: -o copies it only "
+            f"to a {kind} file"
+        )
+    svc.store.get_file(svc.store.key_of(output_uri), output.absolute())
+    console.print(f"job {job_id} had already succeeded; its video is copied to {output}")
 
 
 def _require_pinned(job_id: str, weights: Path) -> None:

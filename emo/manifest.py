@@ -35,9 +35,10 @@ from emo.confine import input_problem
 from emo.errors import EmoError, ObjectNotFound
 from emo.settings import Settings
 
-# A job's name names its output file and a batch's its folder: letters and digits of any
-# script, '_', '-' and '.'; at most 200 bytes of UTF-8 (file systems allow 255 per name).
-NAME = re.compile(r"^[\w.-]+$")
+# A job's name names its output file and a batch's its folder: letters (with their combining
+# marks) and digits of any script, '_', '-' and '.'; at most 200 bytes of UTF-8 (file systems
+# allow 255 per name).
+NAME_PUNCTUATION = frozenset("-_.")
 MAX_NAME_BYTES = 200
 # A cell a spreadsheet would run: =, @, or + / - not starting a number.
 FORMULA = re.compile(r"[=@]|[+-](?![\d.])")
@@ -53,7 +54,7 @@ class ManifestError(EmoError):
     exit_code = 2
 
     def __init__(self, source: str, problems: list[str]) -> None:
-        self.problems = [" ".join(p.split()) for p in problems]  # a parser's message: one line
+        self.problems = [re.sub(r"\s*\n\s*", " ", p) for p in problems]  # one line each
         if len(self.problems) == 1:
             super().__init__(f"manifest {source}: {self.problems[0]}")
             return
@@ -69,11 +70,18 @@ def _is_level(value: Any) -> bool:
     return _is_number(value) and 0 <= value <= 1
 
 
+def name_character(char: str) -> bool:
+    """Whether ``char`` may be part of a name: a letter, digit or combining mark of any script
+    (Devanagari and Tamil vowel signs are marks), or one of ``NAME_PUNCTUATION``."""
+    return char.isalnum() or char in NAME_PUNCTUATION or unicodedata.category(char) in ("Mn", "Mc")
+
+
 def safe_name(value: str, use: str) -> str:
     """``value`` in Unicode normal form C if it can name a file on any system; else
     ``ValueError`` saying what a name may hold (``use``: what the name is for)."""
     name = unicodedata.normalize("NFC", value)  # one spelling of "é", whatever typed it
-    if not NAME.match(name) or name in (".", "..") or len(name.encode()) > MAX_NAME_BYTES:
+    valid = name not in ("", ".", "..") and all(name_character(c) for c in name)
+    if not valid or len(name.encode()) > MAX_NAME_BYTES:
         raise ValueError(
             f"use letters, digits, '-', '_' and '.' only, at most {MAX_NAME_BYTES} bytes ({use})"
         )

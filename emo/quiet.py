@@ -15,9 +15,10 @@ import sys
 from collections.abc import Iterator
 
 _quiet = False
-# Commands that run as services (a worker, a served deployment): their log is read by an
-# operator, in full, so they are never quiet.
-SERVICE_COMMANDS = frozenset({"serve", "worker"})
+# Commands that run as services or operations (a worker, a served deployment, the sweep, the
+# setup Jobs' deploy and migrations, garbage collection): their log is read by an operator, in
+# full, so they are never quiet.
+SERVICE_COMMANDS = frozenset({"serve", "worker", "sweep", "deploy", "db", "gc"})
 # emo's own loggers: a retry or a re-rendered checkpoint is worth a line in a service's log,
 # not on the console of someone waiting for one render.
 OWN_LOGGERS = ("db", "emo", "flows")

@@ -514,10 +514,11 @@ def submit_batch(
         hours = sum(estimates.values()) / 3600
         cost = f"; estimated {hours:,.2f} GPU-hours on {svc.settings.gpu_class}"
         for row in rows:
-            job = prepared[row["job"]]
-            row["track seconds"] = round(job.seconds, 1)
-            row["clips"] = job.clips
-            row["estimated GPU seconds"] = round(job.estimate_seconds, 1)
+            job = prepared.get(row["job"])
+            if job is not None:
+                row["track seconds"] = round(job.seconds, 1)
+                row["clips"] = job.clips
+                row["estimated GPU seconds"] = round(job.estimate_seconds, 1)
     create_table_artifact(
         key=f"batch-{batch.id[:12]}",
         table=rows,

@@ -58,7 +58,8 @@ def console_state() -> Iterator[None]:
     before = [(logger.propagate, logger.level) for logger in loggers]
     yield
     for logger, (propagate, level) in zip(loggers, before, strict=True):
-        logger.propagate, logger.level = propagate, level
+        logger.propagate = propagate
+        logger.setLevel(level)  # setLevel also clears the levels cached by child loggers
     emo.quiet._quiet = False
 
 

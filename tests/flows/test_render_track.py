@@ -336,7 +336,7 @@ def test_awkward_but_valid_inputs_render(studio: Studio, tmp_path: Path) -> None
     )  # fmt: skip
     name = "Ана-日本語"
     jobs = [
-        {"name": name, "image": "side.jpg", "audio": "take.mp4", "face_box": BOX},
+        {"name": name, "image": "side.jpg", "audio": "take.mp4"},  # the face is found upright
         {"name": "stereo-48k", "image": str(studio.portrait), "audio": "take.wav", "steps": 2},
     ]
     path = folder / "awkward.yaml"

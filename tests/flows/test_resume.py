@@ -64,6 +64,7 @@ def _done_segments(url: str) -> int:
 
 
 def test_killed_render_resumes_from_its_last_checkpoint(
+    console_state: None,
     prefect_server: str,
     pg_url: str,
     pg_template: str,
