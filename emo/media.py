@@ -47,8 +47,13 @@ DURATION = re.compile(r"Duration: (\d+):(\d\d):(\d\d(?:\.\d+)?)")
 # demuxer that opens other files by name (hls playlists, concat scripts, image2 patterns,
 # tee), and only local files and pipes: a ".wav" that is really a playlist would otherwise make
 # ffmpeg read the files or URLs named inside it.
-AUDIO_DEMUXERS = "wav,w64,mp3,flac,ogg,mov,matroska,aac,aiff,caf,avi,asf,mpeg,mpegts"
-AUDIO_NAMES = "wav, mp3, flac, ogg/opus, m4a/mp4/mov, mkv/webm, aac, aiff, caf, avi, wma, mpeg/ts"
+AUDIO_DEMUXERS = (
+    "wav,w64,mp3,flac,ogg,mov,matroska,aac,aiff,caf,avi,asf,mpeg,mpegts,ac3,eac3,dts,amr,au,wv,flv"
+)
+AUDIO_NAMES = (
+    "wav, mp3, flac, ogg/opus, m4a/mp4/mov, mkv/webm, aac, aiff, caf, avi, wma, mpeg/ts, "
+    "ac3, e-ac3, dts, amr, au, wavpack, flv"
+)
 INPUT_PROTOCOLS = "file,pipe"
 # Declared vs decoded duration may differ by codec priming/padding, never by more.
 TRUNCATION_TOLERANCE_SECONDS = 0.1
@@ -208,8 +213,8 @@ def _check_decode(path: Path, returncode: int, stderr: str) -> None:
             raise MediaError(f"audio file {str(path)!r} has no audio stream")
         if "not on whitelist" in stderr:
             raise MediaError(
-                f"audio file {str(path)!r} is not in a format emo reads (it may be a playlist or "
-                f"a script that names other files); give a {AUDIO_NAMES} file"
+                f"audio file {str(path)!r} is not in a format emo reads (not audio, or a "
+                f"playlist or script that names other files); give a {AUDIO_NAMES} file"
             )
         if "Invalid data found when processing input" in stderr:
             raise MediaError(

@@ -55,6 +55,13 @@ def stereo_wav(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (".webm", ["-c:a", "libopus", "-ar", "48000"]),
         (".mov", ["-c:a", "aac"]),
         (".wma", []),
+        (".ac3", []),
+        (".eac3", ["-c:a", "eac3"]),
+        (".au", []),
+        (".wv", []),
+        (".amr", ["-c:a", "libopencore_amrnb", "-ar", "8000", "-ac", "1"]),
+        (".flv", ["-c:a", "aac"]),
+        (".dts", ["-c:a", "dca", "-strict", "-2", "-ar", "48000"]),
     ],
 )
 def test_load_audio_any_container_as_mono_16k(
