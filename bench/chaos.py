@@ -118,13 +118,11 @@ def make_batch(root: Path, jobs: int, seed: int, seconds: float) -> Path:
 
 def jobs_table() -> dict[str, Any]:
     """Job id -> its row (expunged), for the batch's jobs."""
-    from sqlalchemy import select
-
-    from db.models import Job
+    from db.jobs import all_jobs
     from flows.context import services
 
     with services().sessions() as session:
-        rows = list(session.scalars(select(Job)))
+        rows = all_jobs(session=session)
         for row in rows:
             session.expunge(row)
     return {row.id: row for row in rows}
@@ -265,10 +263,10 @@ def reference(root: Path, manifest: Path, weights: str) -> dict[str, list[str]]:
 
 def check(run: Run, manifest: Path, names: dict[str, str]) -> dict[str, Any]:
     """Compare every job with the reference, and the farm with what it must be at rest."""
-    from sqlalchemy import func, select
-
+    from db.batches import batch_count
     from db.events import job_events
-    from db.models import Batch, JobStatus, Lease
+    from db.gpu_slots import marked_slots
+    from db.models import JobStatus
     from flows.context import services
 
     svc = services()
@@ -306,8 +304,8 @@ def check(run: Run, manifest: Path, names: dict[str, str]) -> dict[str, Any]:
             same = frame_md5s(local) == expected.get(job.name)
             (identical if same and has_sidecar else differing).append(job.name)
         # Raw lease rows still marking a GPU slot, live or not: at rest there must be none.
-        slots = list(session.scalars(select(Lease.job_id).where(Lease.gpu_since.is_not(None))))
-        batches = session.scalar(select(func.count()).select_from(Batch))
+        slots = marked_slots(session=session)
+        batches = batch_count(session=session)
     inbox = [i.key for i in store.list("inbox/")]
     processed = [i.key for i in store.list("processed/") if i.key.endswith("chaos.yaml")]
     nightly_ran = run.faults.get("nightly", 0) > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -33,6 +33,21 @@ def find_batch(*, session: Session, manifest_sha256: str) -> Batch | None:
     """The batch registered under this key, if any (``manifest_sha256`` holds the batch's
     content key: the manifest's hash and its inputs', see ``emo.render.batch_key``)."""
     return session.scalar(select(Batch).where(Batch.manifest_sha256 == manifest_sha256))
+
+
+def recent_batches(*, session: Session, limit: int = 50) -> list[Batch]:
+    """The ``limit`` most recently registered batches, newest first (``emo status``)."""
+    return list(session.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(limit)))
+
+
+def batch_count(*, session: Session) -> int:
+    """How many batches are registered."""
+    return session.scalar(select(func.count()).select_from(Batch)) or 0
+
+
+def batch_by_prefix(*, session: Session, prefix: str) -> Batch | None:
+    """The batch whose id starts with ``prefix`` (the first found when several do)."""
+    return session.scalar(select(Batch).where(Batch.id.startswith(prefix)).limit(1))
 
 
 def register_batch(

@@ -218,6 +218,11 @@ def gpu_slot_holders(
     ]
 
 
+def marked_slots(*, session: Session) -> list[str]:
+    """Job ids whose lease row still marks a GPU slot, live or lapsed (at rest: none)."""
+    return list(session.scalars(select(Lease.job_id).where(Lease.gpu_since.is_not(None))))
+
+
 def gpu_limit(*, session: Session) -> int | None:
     """The stored limit, or None before the first render created it."""
     row = session.get(GpuLimit, POOL, populate_existing=True)

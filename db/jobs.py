@@ -44,6 +44,18 @@ def get_job(*, session: Session, job_id: str, lock: bool = False) -> Job:
     return job
 
 
+def all_jobs(*, session: Session) -> list[Job]:
+    """Every job, oldest first."""
+    return list(session.scalars(select(Job).order_by(Job.created_at, Job.id)))
+
+
+def jobs_named(*, session: Session, reference: str, limit: int = 2) -> list[Job]:
+    """Jobs a user's ``reference`` may mean: those whose id starts with it, else those with
+    that name; at most ``limit`` (two are enough to tell the reference is ambiguous)."""
+    by_id = list(session.scalars(select(Job).where(Job.id.startswith(reference)).limit(limit)))
+    return by_id or list(session.scalars(select(Job).where(Job.name == reference).limit(limit)))
+
+
 def job_status(*, session: Session, job_id: str) -> JobStatus:
     """The job's status as the database has it now (no lock)."""
     status = session.scalar(select(Job.status).where(Job.id == job_id))

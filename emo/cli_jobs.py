@@ -321,13 +321,9 @@ def _print_table(rows: list[dict[str, Any]]) -> None:
 
 
 def _find_job(session: Any, reference: str):
-    from sqlalchemy import select
+    from db.jobs import jobs_named
 
-    from db.models import Job
-
-    matches = list(session.scalars(select(Job).where(Job.id.startswith(reference)).limit(2)))
-    if not matches:
-        matches = list(session.scalars(select(Job).where(Job.name == reference).limit(2)))
+    matches = jobs_named(session=session, reference=reference)
     if len(matches) != 1:
         raise NotFound(f"no single job matches {reference!r} (give its id or a unique prefix)")
     return matches[0]
@@ -338,23 +334,20 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="machine-readable output")] = False,
 ) -> None:
     """Show batches, or one batch's jobs, or one job with its segments."""
-    from sqlalchemy import select
-
-    from db.models import Batch, Job
+    from db.batches import batch_by_prefix, recent_batches
+    from db.models import Job
     from flows.context import services
     from flows.submit_batch import batch_rows
 
     with services().sessions() as session:
         if reference is None:
-            batches = list(
-                session.scalars(select(Batch).order_by(Batch.created_at.desc()).limit(50))
-            )
+            batches = recent_batches(session=session)
             rows = [
                 {"batch": b.id, "name": b.name, "jobs": len(b.jobs), **_counts(b.jobs)}
                 for b in batches
             ]
         else:
-            batch = session.scalar(select(Batch).where(Batch.id.startswith(reference)))
+            batch = batch_by_prefix(session=session, prefix=reference)
             if batch is not None:
                 rows = batch_rows(list(batch.jobs))
             else:
@@ -403,9 +396,8 @@ def resume(
 ) -> None:
     """Render what is missing of a job (only segments without a valid checkpoint), with the
     weights bundle it was registered with."""
-    from sqlalchemy import select
-
-    from db.models import Job, JobStatus
+    from db.dispatch import retryable_failed
+    from db.models import JobStatus
     from flows.context import services
     from flows.render_track import render_track
 
@@ -418,13 +410,7 @@ def resume(
     svc = services()
     with svc.sessions() as session:
         if failed:
-            ids = list(
-                session.scalars(
-                    select(Job.id).where(
-                        Job.status == JobStatus.FAILED, Job.attempt < Job.max_attempts
-                    )
-                )
-            )
+            ids = retryable_failed(session=session)
         else:
             found = _find_job(session, job)
             if found.status is JobStatus.SUCCEEDED and not new_weights:
