@@ -148,3 +148,18 @@ def test_a_batch_over_the_gpu_budget_is_refused_unless_allowed(
     allowed = CliRunner().invoke(app, ["validate", path, "--allow-cost", "1", "--json"])
     assert allowed.exit_code == 0, allowed.output
     assert json.loads(allowed.output)["estimate_seconds"] > 0
+
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+@pytest.mark.parametrize("name", ["first-batch.yaml", "first-batch.csv", "first-batch.json"])
+def test_the_committed_examples_are_valid(name: str) -> None:
+    """The README's first batch, in each manifest format, passes every check of a submit."""
+    from emo.settings import get_settings
+    from flows.submit_batch import validate_manifest
+
+    parsed, prepared = validate_manifest(str(EXAMPLES / name), get_settings())
+    assert [job.spec.name for job in prepared] == [job.name for job in parsed.jobs]
+    assert all(job.seconds == 10.0 and job.estimate_seconds > 0 for job in prepared)
+    _nothing_written(Path(get_settings().home))
