@@ -26,6 +26,19 @@ PEAK_FLOPS = {
     "l4": 121e12,
     "cpu": 0.5e12,
 }
+# Memory of one GPU of each class, GiB (vendor datasheets; a100: the 80 GB model).
+MEMORY_GIB = {
+    "b200": 180,
+    "h200": 141,
+    "h100": 80,
+    "a100": 80,
+    "l40s": 48,
+    "a6000": 48,
+    "rtx4090": 24,
+    "a10g": 24,
+    "l4": 24,
+    "cpu": 0,
+}
 UTILISATION = 0.4
 
 

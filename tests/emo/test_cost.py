@@ -34,3 +34,27 @@ def test_device_classes_scale_by_their_peaks() -> None:
     assert l4 / h100 == pytest.approx(PEAK_FLOPS["h100"] / PEAK_FLOPS["l4"])
     flops = sum(clip_flops(TINY, 20).values())
     assert h100 == pytest.approx(3 * flops / (UTILISATION * PEAK_FLOPS["h100"]))
+
+
+def test_memory_is_the_weights_and_the_peak_of_live_tensors() -> None:
+    import torch
+
+    from emo.models.components import build_components
+    from emo.models.config import TINY
+    from emo.sizing import _peak, gpu_memory
+
+    def two_then_one() -> object:
+        a = torch.empty(1000, device="meta")  # 4,000 bytes
+        b = torch.empty(500, device="meta")  # 2,000 bytes: 6,000 alive
+        del a
+        return b + 1  # a is gone: 4,000 alive
+
+    assert _peak(two_then_one, scale=1.0) == 6000
+    estimate = gpu_memory(TINY)
+    parts = build_components(TINY, seed=0)
+    modules = [m for m in vars(parts).values() if isinstance(m, torch.nn.Module)]
+    assert estimate.weights == 2 * sum(p.numel() for m in modules for p in m.parameters())
+    guided = 2 * TINY.unet["in_channels"] * TINY.clip_frames * TINY.latent_size**2 * 2  # bf16
+    assert estimate.step > guided  # the step holds at least its own input
+    frames = 4 * 3 * TINY.resolution**2 * 2  # a decoded chunk of 4 frames
+    assert estimate.decode >= frames and estimate.total > estimate.weights
