@@ -39,7 +39,7 @@ bench: $(STAMP) services
 	$(BIN)/python bench/orchestration.py
 	$(BIN)/python bench/train.py
 
-# Fault injection on a farm of real parts (bench/chaos.py; the README's "Under faults").
+# Fault injection on a farm of real parts (bench/chaos.py; figures in bench/README.md).
 SEED ?= 1
 chaos: $(STAMP) services
 	$(BIN)/python bench/chaos.py --seed $(SEED) --json chaos-$(SEED).json
@@ -47,7 +47,7 @@ chaos: $(STAMP) services
 clean:
 	rm -rf $(VENV) .pytest_cache
 
-# The demo model, end to end (recipes/demo.yaml; see the README's "Demo model" section).
+# The demo model, end to end (recipes/demo.yaml; see docs/training.md).
 # Every step resumes: synth and prepare skip finished videos, train continues from its run
 # directory, and finished stages are not redone. Run state lives in runs/ (not committed).
 # Stages 4-5 continue stages 1-3 (recipes/demo-continue.yaml); the upgrade before them adds
@@ -55,7 +55,7 @@ clean:
 # copies a current bundle unchanged.
 DEMO_RUN := runs/demo-model
 # The audio guidance and continuation strength the bundle ships with (chosen by evaluation;
-# see the README).
+# see docs/training.md).
 DEMO_GUIDANCE := 5.0
 DEMO_STRENGTH := 0.5
 demo-model: $(STAMP)
