@@ -127,7 +127,7 @@ def _job_manifest(image: Path, audio: Path, name: str, options: dict[str, Any]) 
     return path
 
 
-def _use_weights(weights: Path | None) -> None:
+def _use_weights(weights: str | None) -> None:
     if weights is not None:
         os.environ["EMO_WEIGHTS"] = str(weights)
         get_settings.cache_clear()
@@ -184,7 +184,7 @@ def render(
     face_box: Annotated[str | None, typer.Option(help="x0,y0,x1,y1 as fractions")] = None,
     face_policy: Annotated[str | None, typer.Option(help="error or full_frame")] = None,
     weights: Annotated[
-        Path | None, typer.Option(help="weights bundle; default EMO_WEIGHTS")
+        str | None, typer.Option(help="weights bundle (folder or s3://); default EMO_WEIGHTS")
     ] = None,
 ) -> None:
     """Render one portrait + vocal track end to end (the same flow as a batch job)."""
@@ -452,7 +452,7 @@ def _already_done(svc: Any, job_id: str, output_uri: str, output: Path | None) -
     console.print(f"job {job_id} had already succeeded; its video is copied to {output}")
 
 
-def _require_pinned(job_id: str, weights: Path) -> None:
+def _require_pinned(job_id: str, weights: str) -> None:
     """`--weights` names a bundle; a job registered earlier with another one renders with the
     bundle it is pinned to, so say so instead of rendering with weights nobody asked for."""
     from db.models import Job
@@ -628,14 +628,6 @@ def demo(
 ) -> None:
     """Render the sample portrait (a held-out synthetic person) and vocal track (speech, then
     a sung phrase) with the bundled weights."""
-    settings = get_settings()
-    from emo.render import SHIPPED_DEMO
-
-    if settings.weights is None and not (SHIPPED_DEMO / "emo.json").is_file():
-        console.print(
-            "[yellow]note[/]: no trained demo model ships yet (issue 'Demo model'); "
-            "rendering with an untrained tiny bundle, so the video shows noise."
-        )
     box = json.loads((ASSETS / "demo_portrait.json").read_text())["face_box"]
     render(
         image=ASSETS / "demo_portrait.png",

@@ -31,7 +31,6 @@ from emo.settings import Settings
 from emo.store import ObjectStore, open_store
 from emo.store.base import is_fresh
 
-UNTRAINED = "tiny-untrained"
 SHIPPED_DEMO = Path(__file__).resolve().parent / "weights" / "demo"  # make demo-model
 
 
@@ -167,35 +166,21 @@ def speed_schedule(speed: float | Sequence[Sequence[float]], frames: int, fps: i
 
 def resolve_weights(settings: Settings) -> Path:
     """The local bundle to use: EMO_WEIGHTS (a path, or an s3:// prefix cached by hash), else
-    the shipped demo model, else (before one is trained) an untrained tiny bundle generated
-    under EMO_HOME."""
-    from emo.bundle import BUNDLE_FILE, read_bundle_info, save_bundle
+    the shipped demo model."""
+    from emo.bundle import BUNDLE_FILE, read_bundle_info
 
-    configured = str(settings.weights) if settings.weights else None
-    if configured and configured.startswith("s3:/"):
-        return _cached_remote_bundle(
-            configured.replace("s3:/", "s3://", 1)
-            if not configured.startswith("s3://")
-            else configured,
-            settings,
-        )
+    configured = settings.weights
+    if configured and configured.startswith("s3://"):
+        return _cached_remote_bundle(configured, settings)
     if configured:
         read_bundle_info(configured)  # a clear error if it is not a bundle
         return Path(configured)
-    if (SHIPPED_DEMO / BUNDLE_FILE).is_file():
-        return SHIPPED_DEMO
-    path = settings.home / "weights" / UNTRAINED
-    if not path.exists():
-        from emo.models.components import build_components
-        from emo.models.config import TINY
-
-        save_bundle(
-            build_components(TINY, seed=0),
-            TINY,
-            path,
-            meta={"made_by": "emo (untrained placeholder until the demo model ships)"},
+    if not (SHIPPED_DEMO / BUNDLE_FILE).is_file():
+        raise SettingsError(
+            f"no weights bundle: the demo model is missing from {SHIPPED_DEMO}; set EMO_WEIGHTS "
+            "to a bundle (emo weights init, or emo train)"
         )
-    return path
+    return SHIPPED_DEMO
 
 
 BUNDLES_PREFIX = "bundles"  # store/bundles/<sha256>/: copies of the bundles jobs are pinned to

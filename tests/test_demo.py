@@ -17,14 +17,13 @@ def test_demo_renders_the_sample_and_says_where_everything_is(tmp_path: Path) ->
     output = tmp_path / "out" / "demo.mp4"
     result = run_emo("demo", "-o", str(output), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    shipped = (SHIPPED_DEMO / "emo.json").is_file()  # make demo-model's bundle, once committed
-    assert ("untrained tiny bundle" in result.stdout) is not shipped
+    assert (SHIPPED_DEMO / "emo.json").is_file()  # make demo-model's bundle, committed
 
     info = media.probe(output)
     assert info.video_frames == math.ceil(DEMO_SECONDS * 25)
     assert info.first("audio") is not None
     sidecar = json.loads(output.with_suffix(".json").read_text())
-    assert sidecar["model_config"] == ("demo" if shipped else "tiny")
+    assert sidecar["model_config"] == "demo"
     assert sidecar["prefect_flow_run"]
 
     lines = result.stdout.splitlines()

@@ -9,7 +9,7 @@ Built from diffusers' ``UNetMotionModel`` (SD UNet blocks + motion modules); EMO
 - every temporal module is an EMO ``TemporalModule`` (motion frames + speed attention);
 - optionally (``audio_embedding_tokens``, the ``demo`` configuration), each frame's audio
   tokens also enter its timestep embedding through a zero-initialised MLP, so every ResNet
-  block hears the audio too (what gave a small model its lip sync, ../shared/TRAINING-NOTES.md).
+  block hears the audio too (what gave a small model its lip sync; docs/training.md).
 
 Latents are (B, C, F, H, W). Reference, motion and speed conditioning arrive as one
 ``Conditioning`` per forward.

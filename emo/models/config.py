@@ -82,7 +82,7 @@ class EMOConfig:
     audio_energy_bands: int = 0
     # Each frame's audio tokens also offset its timestep embedding (every ResNet block hears
     # the audio, not only audio-attention). Not in the paper; it gave a small model its lip
-    # sync (../shared/TRAINING-NOTES.md), so ``demo`` uses it.
+    # sync (docs/training.md), so ``demo`` uses it.
     audio_time_embedding: bool = False
     speed_centers: tuple[float, ...] = (0.0, 0.01, 0.02, 0.04, 0.08, 0.16)  # rad/frame
     speed_radii: tuple[float, ...] = (0.005, 0.01, 0.01, 0.02, 0.04, 0.08)

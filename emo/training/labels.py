@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emo.pose import euler_angles, rotation_matrices
+from emo.pose import euler_angles
 
 # Face-mesh landmark indices and a generic face in millimetres (x right, y up, z forward):
 # nose tip, chin, right-eye outer corner, left-eye outer corner, mouth corners.
@@ -139,7 +139,3 @@ def _fill_gaps(boxes: np.ndarray, rotations: np.ndarray, found: np.ndarray) -> N
     for i in np.flatnonzero(~found):
         nearest = hits[np.argmin(np.abs(hits - i))]
         boxes[i], rotations[i] = boxes[nearest], rotations[nearest]
-
-
-def labels_rotations(labels: VideoLabels) -> np.ndarray:
-    return rotation_matrices(labels.angles)

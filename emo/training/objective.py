@@ -4,7 +4,7 @@
   sample; the sampler reads the same choice from the bundle's scheduler config.
 - Min-SNR-gamma weighting (Hang et al., 2023) balances timesteps; for sample prediction the
   weight is min(SNR, gamma) floored at 1, so the noisy steps where the audio decides the mouth
-  still count (../shared/TRAINING-NOTES.md).
+  still count (see docs/training.md).
 - A mouth weight multiplies the loss inside the mouth region (the lower middle of the face
   box), where lip sync lives and which is a small part of the frame.
 """
