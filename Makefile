@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test lint bench services clean demo-model chaos
+.PHONY: demo test test-fast lint bench services clean demo-model chaos
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -31,6 +31,10 @@ lint: $(STAMP)
 
 test: $(STAMP) services lint
 	$(BIN)/python -m pytest
+
+# Unit and in-process tests only (a few minutes): what to run while working. CI runs `test`.
+test-fast: $(STAMP) services lint
+	$(BIN)/python -m pytest -m "not slow"
 
 bench: $(STAMP) services
 	$(BIN)/python bench/assembly.py

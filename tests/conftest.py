@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -108,6 +109,54 @@ def write_wav(path: Path, audio: np.ndarray, sample_rate: int = 16000) -> Path:
 
     soundfile.write(path, audio, sample_rate, subtype="PCM_16")
     return path
+
+
+@contextlib.contextmanager
+def process_state_restored() -> Iterator[None]:
+    """Put back what running the CLI in-process changes for the whole process: the
+    environment (``emo`` sets defaults for Prefect and the native libraries), the loggers
+    quiet mode silences (``setLevel`` also clears their children's cached levels) and the
+    settings cache."""
+    import logging
+    import os
+
+    import emo.quiet
+
+    names = ("prefect.flow_runs", "prefect.task_runs", *emo.quiet.OWN_LOGGERS)
+    loggers = [logging.getLogger(name) for name in names]
+    saved = [(logger.propagate, logger.level) for logger in loggers]
+    environment = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
+        get_settings.cache_clear()
+        for logger, (propagate, level) in zip(loggers, saved, strict=True):
+            logger.propagate = propagate
+            logger.setLevel(level)
+        emo.quiet._quiet = False
+
+
+def emo_in_process(
+    *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run an ``emo`` command in this process through the console script's own entry point
+    (``emo.cli.run``), with ``env`` added to the environment, and return what a user would
+    see: the exit code, stdout and stderr. For what only a process shows (signals, kill -9,
+    native libraries writing to the terminal), use ``run_emo``."""
+    import io
+    import os
+
+    from emo.cli import run
+
+    out, err = io.StringIO(), io.StringIO()
+    with process_state_restored():
+        os.environ.update(env or {})
+        get_settings.cache_clear()
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            code = run(list(args))
+    return subprocess.CompletedProcess(["emo", *args], code, out.getvalue(), err.getvalue())
 
 
 def run_emo(

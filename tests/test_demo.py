@@ -6,9 +6,13 @@ import json
 import math
 from pathlib import Path
 
+import pytest
+
 from emo import media
 from emo.render import SHIPPED_DEMO
 from tests.conftest import run_emo
+
+pytestmark = pytest.mark.slow  # the demo render as a process
 
 DEMO_SECONDS = 10.0  # emo/assets/demo_vocal.wav
 

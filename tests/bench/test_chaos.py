@@ -9,6 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
+pytestmark = pytest.mark.slow  # a farm of real processes under injected faults
+
 ROOT = Path(__file__).resolve().parents[2]
 
 

@@ -9,7 +9,7 @@ from sqlalchemy import text
 from sqlalchemy.exc import OperationalError
 
 from db.engine import make_engine
-from tests.conftest import run_emo
+from tests.conftest import emo_in_process
 from tests.services import free_port
 
 
@@ -40,7 +40,7 @@ def test_connect_retries_are_bounded() -> None:
 
 def test_cli_names_an_unreachable_database() -> None:
     url = f"postgresql://emo:secret@127.0.0.1:{free_port()}/emo"
-    result = run_emo("db", "upgrade", env={"EMO_DATABASE_URL": url})
+    result = emo_in_process("db", "upgrade", env={"EMO_DATABASE_URL": url})
     assert result.returncode == 3
     assert "Traceback" not in result.stderr
     assert "EMO_DATABASE_URL" in result.stderr and "secret" not in result.stderr

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from emo.bundle import save_bundle
 from emo.eval.evaluate import SPEED_LEVELS, HeldOut, portrait_of, score
@@ -15,6 +16,8 @@ from emo.models.components import build_components
 from emo.models.config import TINY
 from emo.synthetic.corpus import VideoSpec, render_video
 from tests.conftest import run_emo
+
+pytestmark = pytest.mark.slow  # evaluation renders
 
 
 def _truth(index: int, speed: float = SPEED_LEVELS["mid"]) -> tuple[VideoSpec, np.ndarray]:

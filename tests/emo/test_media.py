@@ -11,7 +11,7 @@ from PIL import Image
 
 from emo import media
 from emo.errors import MediaError
-from tests.conftest import run_emo, tone, write_wav
+from tests.conftest import emo_in_process, tone, write_wav
 
 FPS = 25
 
@@ -334,7 +334,7 @@ def test_odd_sizes_and_failed_encodes_leave_nothing_behind(tmp_path: Path) -> No
 def test_cli_reports_bad_audio_without_a_traceback(tmp_path: Path) -> None:
     bad = tmp_path / "take1.wav"
     bad.write_text("not audio")
-    result = run_emo("plan", str(bad))
+    result = emo_in_process("plan", str(bad))
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from emo.plan import frame_count, plan_segments
-from tests.conftest import run_emo, write_wav
+from tests.conftest import emo_in_process, write_wav
 
 SR, FPS, CLIP = 16000, 25, 12
 SILENCES = [(18.5, 19.3), (38.0, 38.8), (57.7, 58.5)]
@@ -84,10 +84,10 @@ def test_segment_lengths_stay_near_the_target() -> None:
 
 def test_cli_prints_a_table_and_json(tmp_path: Path) -> None:
     track = write_wav(tmp_path / "song.wav", speech_like(70.0))
-    table = run_emo("plan", str(track))
+    table = emo_in_process("plan", str(track))
     assert table.returncode == 0, table.stderr
     assert "1750 frames" in table.stdout and "segment" in table.stdout
-    as_json = run_emo("plan", str(track), "--json", "--segment-seconds", "10")
+    as_json = emo_in_process("plan", str(track), "--json", "--segment-seconds", "10")
     assert as_json.returncode == 0, as_json.stderr
     data = json.loads(as_json.stdout)
     assert data["total_frames"] == 1750 and len(data["segments"]) >= 6

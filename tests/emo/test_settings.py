@@ -129,9 +129,9 @@ def test_good_values_are_taken(monkeypatch: pytest.MonkeyPatch, variable: str, v
 
 
 def test_the_cli_prints_a_bad_setting_as_one_line() -> None:
-    from tests.conftest import run_emo
+    from tests.conftest import emo_in_process
 
-    result = run_emo("settings", env={"EMO_DEVICE": "gpu"})
+    result = emo_in_process("settings", env={"EMO_DEVICE": "gpu"})
     assert result.returncode == 2
     assert result.stderr.splitlines() == [
         "error: invalid setting: EMO_DEVICE: use auto, cpu, cuda, cuda:N or mps"

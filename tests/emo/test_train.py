@@ -23,6 +23,8 @@ from emo.training.stages import role, trained_roles
 from emo.training.trainer import train_stage
 from tests.conftest import run_emo
 
+pytestmark = pytest.mark.slow  # training stages and a killed training run
+
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:

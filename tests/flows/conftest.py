@@ -12,7 +12,7 @@ import pytest
 
 from emo.settings import get_settings
 from emo.store import S3Store
-from tests.conftest import write_wav
+from tests.conftest import process_state_restored, write_wav
 from tests.services import WeedServer
 
 ASSETS = Path(__file__).resolve().parents[2] / "emo" / "assets"
@@ -47,20 +47,10 @@ def prefect_server() -> Iterator[str]:
 
 @pytest.fixture
 def console_state() -> Iterator[None]:
-    """Put back what ``emo.quiet.quiet_console`` changes for the whole process (logger
-    propagation and levels), so a test that runs the CLI in-process leaves no trace."""
-    import logging
-
-    import emo.quiet
-
-    names = ("prefect.flow_runs", "prefect.task_runs", *emo.quiet.OWN_LOGGERS)
-    loggers = [logging.getLogger(name) for name in names]
-    before = [(logger.propagate, logger.level) for logger in loggers]
-    yield
-    for logger, (propagate, level) in zip(loggers, before, strict=True):
-        logger.propagate = propagate
-        logger.setLevel(level)  # setLevel also clears the levels cached by child loggers
-    emo.quiet._quiet = False
+    """For a test that runs the CLI in-process: what it changes for the process is put back
+    (``tests.conftest.process_state_restored``)."""
+    with process_state_restored():
+        yield
 
 
 @dataclass

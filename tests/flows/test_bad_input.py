@@ -12,11 +12,10 @@ traceback, and nothing registered in the database, stored, or left behind.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import struct
 import subprocess
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -274,16 +273,11 @@ ROWS: dict[str, Row] = {
 
 
 @pytest.fixture
-def entry_point(console_state: None) -> Iterator[Callable[[list[str]], int]]:
-    """``emo.cli.run``, with the environment defaults it sets for the process put back after
-    the row (``console_state`` puts back the quiet loggers)."""
+def entry_point(console_state: None) -> Callable[[list[str]], int]:
+    """``emo.cli.run``; ``console_state`` puts back what it sets for the process."""
     from emo.cli import run
 
-    before = dict(os.environ)
-    yield run
-    for name in set(os.environ) - set(before):
-        del os.environ[name]
-    os.environ.update(before)
+    return run
 
 
 def _registered(studio: Studio) -> dict[str, int]:

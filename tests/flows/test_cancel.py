@@ -6,6 +6,7 @@ import threading
 import time
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from db.engine import make_engine, session_factory
@@ -15,6 +16,8 @@ from emo.cli import app
 from flows.render_track import render_track
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, manifest
+
+pytestmark = pytest.mark.slow  # a render cancelled mid-job
 
 
 def test_a_cancelled_render_stops_within_its_segment_and_stays_cancelled(

@@ -7,9 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import run_emo
+
+pytestmark = pytest.mark.slow  # emo deploy against a Prefect server, as processes
 
 ROOT = Path(__file__).resolve().parents[2]
 IMAGE = "registry.example.com/studio/emo:0.1.0"

@@ -32,6 +32,8 @@ from tests.flows.conftest import (
 )
 from tests.services import WeedServer
 
+pytestmark = pytest.mark.slow  # service outages during whole renders
+
 
 def _render_process(studio: Studio, api: str, job_id: str) -> subprocess.Popen:
     """render-track for one job in a process of its own, as a worker starts it."""

@@ -26,6 +26,8 @@ from flows.render_track import render_track
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, clear_caches, hold_gpu_slot, manifest
 
+pytestmark = pytest.mark.slow  # renders waiting for GPU slots
+
 FARM_OWNER = "farm-7:4242:0a1b2c3d"  # a render on another host: never presumed dead
 
 

@@ -35,6 +35,8 @@ from flows.submit_batch import submit_batch
 from tests.conftest import write_wav
 from tests.flows.conftest import Studio, clear_caches, manifest, speech
 
+pytestmark = pytest.mark.slow  # whole renders, restored and displaced
+
 SEED = 5
 
 

@@ -30,6 +30,8 @@ from flows.submit_batch import submit_batch
 from tests.conftest import run_emo, write_wav
 from tests.flows.conftest import ASSETS, clear_caches, speech
 
+pytestmark = pytest.mark.slow  # kill -9 of emo processes
+
 SECONDS = 6.0
 OPTIONS = {"steps": 4, "segment_seconds": 1.0, "face_box": [0.2, 0.15, 0.8, 0.85]}
 RENDER_FLAGS = ["--steps", "4", "--segment-seconds", "1", "--face-box", "0.2,0.15,0.8,0.85"]

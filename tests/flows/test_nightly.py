@@ -23,6 +23,8 @@ from flows.submit_batch import submit_batch
 from tests.conftest import run_emo
 from tests.flows.conftest import Studio, clear_caches, environment, manifest
 
+pytestmark = pytest.mark.slow  # nightly runs killed as processes
+
 
 def _inbox_manifest(studio: Studio, name: str) -> bytes:
     jobs = [

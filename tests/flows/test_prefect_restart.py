@@ -14,6 +14,8 @@ import pytest
 
 from bench.farm_harness import PrefectServer
 
+pytestmark = pytest.mark.slow  # a Prefect server restarted
+
 FILESYSTEM = "prefect.server.concurrency.lease_storage.filesystem"
 MEMORY = "prefect.server.concurrency.lease_storage.memory"
 

@@ -15,6 +15,7 @@ from tests.conftest import run_emo
 ASSETS = Path(__file__).resolve().parents[2] / "emo" / "assets"
 
 
+@pytest.mark.slow  # two emo processes: only a process shows what native libraries print
 def test_a_portrait_without_a_face_is_one_line_naming_it(tmp_path: Path) -> None:
     portrait = tmp_path / "cat.png"
     Image.new("RGB", (128, 128), (200, 120, 80)).save(portrait)

@@ -23,6 +23,8 @@ from flows.render_track import render_track
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, clear_caches, manifest
 
+pytestmark = pytest.mark.slow  # whole renders
+
 
 def _session(studio: Studio):
     return session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))()

@@ -25,6 +25,8 @@ from tests.conftest import run_emo
 from tests.flows.conftest import clear_caches, environment, hold_gpu_slot, make_studio, manifest
 from tests.services import WeedServer
 
+pytestmark = pytest.mark.slow  # kill -9 of a render process and whole renders
+
 RENDER_OPTIONS = ["--seed", "5", "--steps", "10", "--face-box", "0.2,0.15,0.8,0.85"]
 
 

@@ -28,6 +28,8 @@ from flows.render_track import JobRecord, _replace_frame_folder, render_track, s
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, manifest
 
+pytestmark = pytest.mark.slow  # whole renders
+
 
 def test_render_that_lost_its_lease_leaves_the_job_to_the_new_holder(
     studio: Studio, tmp_path: Path

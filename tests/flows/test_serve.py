@@ -24,6 +24,8 @@ from tests.conftest import run_emo, tone, write_wav
 from tests.flows.conftest import ASSETS
 from tests.services import free_port
 
+pytestmark = pytest.mark.slow  # a served deployment, as processes
+
 DEPLOYMENTS = ("render-track/render-track", "submit-batch/submit-batch", "nightly/nightly")
 
 

@@ -27,6 +27,8 @@ from flows.submit_batch import dispatch, submit_batch
 from flows.sweep import sweep
 from tests.flows.conftest import Studio, manifest
 
+pytestmark = pytest.mark.slow  # whole renders dispatched through a Prefect server
+
 NOW = datetime(2026, 12, 3, 12, 0, tzinfo=UTC)
 GRACE = 120.0
 

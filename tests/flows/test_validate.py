@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from emo.cli import app
 from emo.manifest import ManifestError
-from tests.conftest import run_emo, write_wav
+from tests.conftest import emo_in_process, write_wav
 
 ASSETS = Path(__file__).resolve().parents[2] / "emo" / "assets"
 BOX = [0.2, 0.15, 0.8, 0.85]
@@ -90,7 +90,7 @@ def test_every_problem_is_listed_and_nothing_is_written(tmp_path: Path) -> None:
 def test_the_command_exits_2_with_the_list_and_no_traceback(tmp_path: Path) -> None:
     folder = _studio_folder(tmp_path)
     jobs = [{"name": "sneaky", "image": "anna.png", "audio": "notes.wav", "face_box": BOX}]
-    result = run_emo("validate", str(_write(folder, jobs)), timeout=120)
+    result = emo_in_process("validate", str(_write(folder, jobs)))
     assert result.returncode == 2, result.stderr
     assert "Traceback" not in result.stderr and "notes.wav" in result.stderr
     assert "is not in a format emo reads" in result.stderr

@@ -15,7 +15,7 @@ from emo.bundle import content_hash, load_bundle, read_bundle_info, save_bundle
 from emo.models.components import build_components
 from emo.models.conditioning import Conditioning
 from emo.models.config import TINY
-from tests.conftest import run_emo
+from tests.conftest import emo_in_process
 from tests.emo.models.conftest import like_trained
 
 F, K, D, LATENT = TINY.clip_frames, TINY.audio_tokens, TINY.unet["cross_attention_dim"], 8
@@ -86,7 +86,7 @@ def _bundle_from_before_the_field(path: Path) -> Path:
 
 def test_upgrade_adds_the_embedding_at_zero_and_keeps_everything_trained(tmp_path: Path) -> None:
     source = _bundle_from_before_the_field(tmp_path / "old")
-    result = run_emo("weights", "upgrade", str(source), "-o", str(tmp_path / "new"))
+    result = emo_in_process("weights", "upgrade", str(source), "-o", str(tmp_path / "new"))
     assert result.returncode == 0, result.stderr
     assert "audio_time_embedding=True; 4 new tensors" in result.stdout
 
@@ -112,7 +112,7 @@ def test_a_current_bundle_is_copied_unchanged(tmp_path: Path) -> None:
     save_bundle(
         like_trained(build_components(TINY, seed=4)), TINY, tmp_path / "a", meta={"evaluation": 1}
     )
-    result = run_emo("weights", "upgrade", str(tmp_path / "a"), "-o", str(tmp_path / "b"))
+    result = emo_in_process("weights", "upgrade", str(tmp_path / "a"), "-o", str(tmp_path / "b"))
     assert result.returncode == 0, result.stderr
     assert "already current; 0 new tensors" in result.stdout
     (old, _), (new, info) = load_bundle(tmp_path / "a"), load_bundle(tmp_path / "b")
@@ -132,7 +132,7 @@ def test_upgrade_refuses_what_it_cannot_do_in_one_line(tmp_path: Path) -> None:
         ((str(tmp_path / "nowhere"), "-o", out), "nowhere"),
     ]
     for args, message in cases:
-        result = run_emo("weights", "upgrade", *args)
+        result = emo_in_process("weights", "upgrade", *args)
         assert result.returncode != 0
         assert message in result.stderr and "Traceback" not in result.stderr
         assert not (tmp_path / "out").exists() and not any((tmp_path / "taken").iterdir())

@@ -14,7 +14,7 @@ from emo.models.components import build_components
 from emo.models.config import DEMO
 from emo.models.pixel_vae import PixelShuffleVAE
 from emo.pipeline import EMOPipeline
-from tests.conftest import run_emo
+from tests.conftest import emo_in_process
 
 
 def test_pixel_unshuffle_is_exactly_invertible() -> None:
@@ -26,13 +26,13 @@ def test_pixel_unshuffle_is_exactly_invertible() -> None:
 
 
 def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
-    made = run_emo("weights", "new", "--config", "demo", "-o", str(tmp_path / "new"))
+    made = emo_in_process("weights", "new", "--config", "demo", "-o", str(tmp_path / "new"))
     assert made.returncode == 0, made.stderr
     report = tmp_path / "eval.json"
     report.write_text(json.dumps({"lip_sync_r": 0.5, "per_video": [1, 2]}))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text("train:\n  steps: 1\n")
-    exported = run_emo(
+    exported = emo_in_process(
         "weights",
         "export",
         str(tmp_path / "new"),
@@ -50,13 +50,13 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     assert info.meta["evaluation"] == {"lip_sync_r": 0.5}
     size = sum(f.stat().st_size for f in (tmp_path / "half").rglob("*") if f.is_file())
     assert size < 40e6  # ships inside the package
-    shown = run_emo("weights", "info", str(tmp_path / "half"))
+    shown = emo_in_process("weights", "info", str(tmp_path / "half"))
     assert "configuration demo: 64x64" in shown.stdout
     assert "recipe.yaml (text recorded in emo.json)" in shown.stdout
     assert "lip_sync_r 0.500" in shown.stdout
     second = tmp_path / "continue.yaml"
     second.write_text("stage2:\n  steps: 2\n")
-    both = run_emo(
+    both = emo_in_process(
         "weights", "export", str(tmp_path / "new"), "-o", str(tmp_path / "both"),
         "--recipe", str(recipe), "--recipe", str(second), "--steps", "12", "--guidance", "1.2",
         "--continuation-strength", "0.7",
@@ -69,10 +69,10 @@ def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
         recipe.read_text(),
         second.read_text(),
     ]
-    shown = run_emo("weights", "info", str(tmp_path / "both"))
+    shown = emo_in_process("weights", "info", str(tmp_path / "both"))
     assert "recipe.yaml then continue.yaml (texts recorded in emo.json)" in shown.stdout
     assert "12 steps, guidance 1.2, continuation strength 0.7" in shown.stdout
-    refused = run_emo(
+    refused = emo_in_process(
         "weights", "export", str(tmp_path / "new"), "-o", str(tmp_path / "never"),
         "--continuation-strength", "0",
     )  # fmt: skip

@@ -14,7 +14,7 @@ from emo.errors import SettingsError
 from emo.models.conditioning import Conditioning
 from emo.models.config import TINY
 from emo.weights_init import init_components
-from tests.conftest import run_emo
+from tests.conftest import emo_in_process
 from tests.emo.models.sources import (
     tiny_animatediff_ckpt,
     tiny_animatediff_dir,
@@ -113,7 +113,7 @@ def test_backbone_reproduces_sd_and_animatediff(sources: dict[str, Path]) -> Non
 
 def test_cli_init_and_info(sources: dict[str, Path], tmp_path: Path) -> None:
     bundle = tmp_path / "tiny-bundle"
-    result = run_emo(
+    result = emo_in_process(
         "weights",
         "init",
         "--sd15",
@@ -132,11 +132,11 @@ def test_cli_init_and_info(sources: dict[str, Path], tmp_path: Path) -> None:
     assert "pos_encoder.pe" in result.stdout
     assert "target tensors not filled: 53" in result.stdout  # 49 speed attention, 4 audio time
     assert "speed_attention" in result.stdout and "audio_embedding" in result.stdout
-    info = run_emo("weights", "info", str(bundle))
+    info = emo_in_process("weights", "info", str(bundle))
     assert info.returncode == 0, info.stderr
     assert "configuration tiny" in info.stdout and "backbone" in info.stdout
     assert "sha256" in info.stdout and "total" in info.stdout
-    env_info = run_emo("weights", "info", env={"EMO_WEIGHTS": str(bundle)})
+    env_info = emo_in_process("weights", "info", env={"EMO_WEIGHTS": str(bundle)})
     assert env_info.stdout == info.stdout
 
 
@@ -144,7 +144,7 @@ def test_weights_info_without_a_bundle_names_the_default(tmp_path: Path) -> None
     """With EMO_WEIGHTS unset, info describes the weights a render would use."""
     from emo.render import SHIPPED_DEMO
 
-    result = run_emo("weights", "info")
+    result = emo_in_process("weights", "info")
     assert result.returncode == 0, result.stderr
     if (SHIPPED_DEMO / "emo.json").is_file():  # the trained demo model ships in the package
         assert f"bundle        {SHIPPED_DEMO}" in result.stdout
@@ -174,7 +174,7 @@ def test_bad_sources_give_clear_errors(sources: dict[str, Path], tmp_path: Path)
             vae=None,
             base=TINY,
         )
-    result = run_emo(
+    result = emo_in_process(
         "weights",
         "init",
         "--sd15",
