@@ -15,6 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent
 NEEDS_POSTGRES = "tests/db/test_engine.py::test_pooled_connection_killed_by_the_server_is_replaced"
 
 
+@pytest.mark.slow  # a pytest process per case
 @pytest.mark.parametrize(("ci", "code", "outcome"), [("true", 1, "1 error"), ("", 0, "1 skipped")])
 def test_missing_postgres(ci: str, code: int, outcome: str) -> None:
     env = {

@@ -51,6 +51,7 @@ def _race(url: str, workers: int) -> list[tuple[float, list[str]]]:
     return outcomes
 
 
+@pytest.mark.slow  # eight worker processes racing
 def test_eight_workers_claim_200_jobs_exactly_once_on_postgresql(pg_url: str) -> None:
     engine = make_engine(pg_url)
     with session_factory(engine)() as session:
@@ -72,6 +73,7 @@ def test_eight_workers_claim_200_jobs_exactly_once_on_postgresql(pg_url: str) ->
     engine.dispose()
 
 
+@pytest.mark.slow  # four worker processes racing
 def test_four_workers_claim_exactly_once_on_sqlite(sqlite_url: str) -> None:
     engine = make_engine(sqlite_url)
     with session_factory(engine)() as session:

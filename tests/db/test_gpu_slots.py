@@ -131,6 +131,7 @@ def _race_for_a_slot(url: str, job_id: str, owner: str, start, results) -> None:
         results.put(_take(session, job_id, owner, utcnow(), slots=2).acquired)
 
 
+@pytest.mark.slow  # processes racing for slots
 def test_racing_renders_never_exceed_the_limit_on_postgresql(pg_url: str) -> None:
     with session_factory(make_engine(pg_url))() as session:
         jobs = _jobs(session, 6)

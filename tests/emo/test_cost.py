@@ -20,6 +20,7 @@ def test_only_the_denoising_steps_scale_with_steps() -> None:
     }
 
 
+@pytest.mark.slow  # counts the full configuration's FLOPs (about 12 s)
 def test_the_loaded_configuration_is_what_is_counted() -> None:
     full, demo = gpu_seconds(1, 40, FULL, "h100"), gpu_seconds(1, 40, DEMO, "h100")
     # The full configuration at 512 px: about 1,360 TFLOP a clip at 40 steps, 3.4 s on one H100

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import soundfile
 from skimage import data as skimage_data  # a test extra: astronaut.png, chelsea.png
 
@@ -92,6 +93,7 @@ def test_crop_stays_square_and_inside_the_frame() -> None:
     assert left + side <= 200 and top + side <= 100 and side <= 100 and left >= 0 and top >= 0
 
 
+@pytest.mark.slow  # emo prepare as processes
 def test_cli_prepares_resumes_and_reports(tmp_path: Path) -> None:
     videos = tmp_path / "videos"
     make_corpus(videos, videos=2, seconds=1.0, size=64, seed=2)

@@ -92,6 +92,7 @@ def test_corpus_videos_are_real_and_their_mouths_measure_as_labelled(tmp_path: P
         assert np.ptp(frozen) == 0.0  # a frozen mouth measures as no motion at all
 
 
+@pytest.mark.slow  # emo synth as processes
 def test_cli_resumes_and_refuses_to_mix_corpora(tmp_path: Path) -> None:
     out = tmp_path / "corpus"
     first = run_emo("synth", "-o", str(out), "--videos", "2", "--seconds", "1", "--size", "64")

@@ -247,8 +247,8 @@ ROWS: dict[str, Row] = {
     "EMO_WEIGHTS": Row(batch({}), ("EMO_WEIGHTS", "nowhere"), env={"EMO_WEIGHTS": "/nowhere"}),
     "database down": Row(
         batch({}),
-        ("127.0.0.1:1", "EMO_DATABASE_URL"),
-        env={"EMO_DATABASE_URL": "postgresql+psycopg://emo@127.0.0.1:1/emo"},
+        ("127.0.0.1:1", "EMO_DATABASE_URL", "emo:***@"),  # the password hidden
+        env={"EMO_DATABASE_URL": "postgresql+psycopg://emo:pw-canary-3@127.0.0.1:1/emo"},
         code=3,
     ),
     # command lines
@@ -322,6 +322,7 @@ def test_a_bad_input_is_one_line_naming_it_and_nothing_is_kept(
         assert fragment in err, f"{fragment!r} not in {err!r}"
     for part in (str(studio.home), "/scratch/"):
         assert part not in err, "names emo's own copy, not the user's file"
+    assert "pw-canary" not in err, "prints a password"
     for name in row.env:
         monkeypatch.delenv(name)
     clear_caches()

@@ -25,7 +25,7 @@ from db.leases import acquire_lease, release_lease
 from db.models import Job, JobStatus, Segment, utcnow
 from emo import media
 from emo.bundle import save_bundle
-from emo.errors import SettingsError
+from emo.errors import InputError, SettingsError
 from emo.models.components import build_components
 from emo.models.config import TINY
 from emo.store.checkpoint import MANIFEST, attempt_manifests, verify_manifest
@@ -408,7 +408,7 @@ def test_a_half_rendered_job_finishes_on_its_pinned_bundle_after_emo_weights_mov
     save_bundle(build_components(TINY, seed=12), TINY, weights)
     clear_caches()
     # The same `emo render --weights` again: rendered already, with the other bundle; it says so.
-    with pytest.raises(SettingsError, match="already rendered .* another -o name"):
+    with pytest.raises(InputError, match="already rendered .* another -o name"):
         _cli_render(studio, studio.vocal, tmp_path / "cli.mp4", weights=weights)
     output = tmp_path / "pinned.mp4"
     result = render_track(job_id=jobs[0], output=str(output))

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 
 from emo.bundle import load_bundle, read_bundle_info
@@ -25,6 +26,7 @@ def test_pixel_unshuffle_is_exactly_invertible() -> None:
     assert DEMO.latent_size == 16 and DEMO.vae_scale == 4
 
 
+@pytest.mark.slow  # demo bundles made and rendered
 def test_new_and_exported_demo_bundles_render(tmp_path: Path) -> None:
     made = emo_in_process("weights", "new", "--config", "demo", "-o", str(tmp_path / "new"))
     assert made.returncode == 0, made.stderr

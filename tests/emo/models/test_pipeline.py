@@ -17,7 +17,10 @@ F, N = TINY.clip_frames, TINY.motion_frames
 RUN = {"seed": 11, "steps": 3, "face_box": (0.25, 0.2, 0.75, 0.8)}
 
 
-@pytest.mark.parametrize("strength", [1.0, 0.5])
+@pytest.mark.parametrize(
+    "strength",
+    [1.0, pytest.param(0.5, marks=pytest.mark.slow)],  # the fast lane keeps one
+)
 def test_resume_through_a_file_is_bit_identical(
     pipeline: EMOPipeline, portrait, vocal, tmp_path: Path, strength: float
 ) -> None:
@@ -212,7 +215,10 @@ def test_continued_clips_hold_the_last_frame_outside_the_mouth(
     assert np.array_equal(plain.frames, first.frames)  # the first clip is never affected
 
 
-@pytest.mark.parametrize("scheduler", ["ddim", "dpm++", "euler", "unipc", "pndm"])
+@pytest.mark.parametrize(
+    "scheduler",
+    ["ddim", "dpm++", "euler", "unipc", pytest.param("pndm", marks=pytest.mark.slow)],  # 5 s
+)
 def test_every_scheduler_continues_clips(
     pipeline: EMOPipeline, portrait, vocal, scheduler: str
 ) -> None:

@@ -21,6 +21,7 @@ def own_weed(tmp_path: Path):
     server.stop()
 
 
+@pytest.mark.slow  # an S3 server restarted
 def test_put_is_retried_across_a_server_restart(own_weed: WeedServer, tmp_path: Path) -> None:
     store = own_weed.s3_store(prefix="p", retries=8, backoff_seconds=0.5)
     store.ensure_bucket()
