@@ -165,7 +165,10 @@ def inject(run: Run, kind: str, manifest: Path) -> bool:
         if not pids:
             return False
         pid = rng.choice(pids)
-        os.kill(pid, signal.SIGKILL if kind == "kill_render" else signal.SIGTERM)
+        try:
+            os.kill(pid, signal.SIGKILL if kind == "kill_render" else signal.SIGTERM)
+        except ProcessLookupError:  # it finished between the listing and the signal
+            return False
         run.say(f"{kind}: pid {pid}")
     elif kind == "kill_worker":
         name = rng.choice(sorted(farm.workers))
