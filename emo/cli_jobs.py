@@ -8,6 +8,7 @@ all under EMO_HOME.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import re
@@ -164,12 +165,6 @@ def _report(result: dict[str, Any]) -> None:
         console.print(f"Prefect run: `emo serve`, then http://127.0.0.1:4200/{run}")
 
 
-RENDER_OPTIONS = frozenset(
-    {"seed", "steps", "guidance", "speed", "segment_seconds", "format", "scheduler"}
-    | {"face_box", "face_policy"}
-)
-
-
 def render(
     image: Annotated[Path, typer.Argument(help="reference portrait")],
     audio: Annotated[Path, typer.Argument(help="vocal track")],
@@ -215,6 +210,15 @@ def render(
     with ClipProgress():
         result = render_track(job_id=job_id, output=str(output.absolute()))
     _report(result)
+
+
+# The manifest fields `emo render` sets from its own options (named as options in its errors).
+RENDER_OPTIONS = frozenset(inspect.signature(render).parameters) - {
+    "image",
+    "audio",
+    "output",
+    "weights",
+}
 
 
 def user_problems(problems: list[str]) -> str:

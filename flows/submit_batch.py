@@ -407,6 +407,12 @@ def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
             time.sleep(poll_seconds)
 
 
+def content_key(manifest_sha256: str, fetched: list[FetchedInputs | str]) -> str:
+    """The batch's identity: the manifest's bytes and the bytes of every input fetched."""
+    hashes = [(f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)]
+    return batch_key(manifest_sha256, hashes)
+
+
 def _register(
     svc: Services,
     parsed: Manifest,
@@ -423,10 +429,7 @@ def _register(
     scratch = _submit_scratch(svc, sha)
     try:
         fetched = fetch_inputs(svc.settings, parsed, scratch, base, inbox)
-        hashes = [
-            (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
-        ]
-        key = batch_key(sha, hashes)
+        key = content_key(sha, fetched)
         with svc.sessions() as session:  # a batch with unfetchable inputs was never registered
             existing = find_batch(session=session, manifest_sha256=key)
         if existing is not None:
@@ -460,11 +463,8 @@ def validate_manifest(
     scratch_root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="validate-", dir=scratch_root) as scratch:
         fetched = fetch_inputs.fn(settings, parsed, Path(scratch), base or manifest_dir, inbox)
-        hashes = [
-            (f.name, f.image_sha256, f.audio_sha256) for f in fetched if not isinstance(f, str)
-        ]
+        key = content_key(sha, fetched)
         weights = resolve_weights(settings)
-        key = batch_key(sha, hashes)
         prepared = preflight.fn(settings, parsed, key, fetched, weights, source, allow_cost_hours)
     return parsed, prepared
 
