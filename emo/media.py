@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
 from types import TracebackType
-from typing import IO, cast
+from typing import IO, Any, cast
 
 import ffmpeg
 import numpy as np
@@ -77,14 +77,26 @@ def ffmpeg_exe() -> str:
     return imageio_ffmpeg.get_ffmpeg_exe()
 
 
+def _not_started(args: list[str], what: Path | str, error: OSError) -> MediaError:
+    """ffmpeg itself could not be started (missing, not executable, not a binary)."""
+    return MediaError(
+        f"ffmpeg at {args[0]!r} cannot be started ({error.strerror or error}; needed for "
+        f"{what}); set EMO_FFMPEG to an ffmpeg binary"
+    )
+
+
 def _run(args: list[str], what: Path | str) -> subprocess.CompletedProcess[bytes]:
     try:
         return subprocess.run(args, capture_output=True, stdin=subprocess.DEVNULL, check=False)
-    except FileNotFoundError:
-        raise MediaError(
-            f"ffmpeg not found at {args[0]!r} (needed for {what}); "
-            "set EMO_FFMPEG to an ffmpeg binary"
-        ) from None
+    except OSError as error:
+        raise _not_started(args, what, error) from None
+
+
+def _start(args: list[str], what: Path | str, **streams: Any) -> subprocess.Popen[bytes]:
+    try:
+        return subprocess.Popen(args, **streams)
+    except OSError as error:
+        raise _not_started(args, what, error) from None
 
 
 def _plain(line: str) -> str:
@@ -168,15 +180,9 @@ def _decode_audio(
     )
     kept, count, broken = bytearray(), 0, 0
     with tempfile.TemporaryFile() as messages:
-        try:
-            process = subprocess.Popen(
-                args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=messages
-            )
-        except FileNotFoundError:
-            raise MediaError(
-                f"ffmpeg not found at {args[0]!r} (needed for {path}); "
-                "set EMO_FFMPEG to an ffmpeg binary"
-            ) from None
+        process = _start(
+            args, path, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=messages
+        )
         with process:
             stdout = cast(IO[bytes], process.stdout)
             while chunk := stdout.read(AUDIO_CHUNK_BYTES):
@@ -365,7 +371,7 @@ class VideoWriter:
             .overwrite_output()
             .compile(cmd=ffmpeg_exe())
         )
-        self._process = subprocess.Popen(args, stdin=subprocess.PIPE, stderr=self._log)
+        self._process = _start(args, path, stdin=subprocess.PIPE, stderr=self._log)
         self._stdin = cast(IO[bytes], self._process.stdin)
 
     def write(self, frames: np.ndarray) -> None:
@@ -487,7 +493,7 @@ def iter_frames(path: Path | str, width: int, height: int, chunk: int = 64, fps:
     )
     frame_bytes = width * height * 3
     with tempfile.TemporaryFile() as log:
-        process = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=log)
+        process = _start(args, path, stdout=subprocess.PIPE, stderr=log)
         stdout = cast(IO[bytes], process.stdout)
         try:
             while data := stdout.read(frame_bytes * chunk):

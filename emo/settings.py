@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import re
+import shutil
 from pathlib import Path
 from typing import Literal
 from urllib.parse import urlparse
@@ -181,6 +182,17 @@ class Settings(BaseSettings):
                 "sqlite:////abs/path/emo.db"
             ) from None
         return value
+
+    @field_validator("ffmpeg", mode="after")
+    @classmethod
+    def _check_ffmpeg(cls, value: str | None) -> str | None:
+        found = shutil.which(value) if value else None
+        if value and found is None:
+            raise ValueError(
+                f"{value!r} is not an executable ffmpeg; give the path of an ffmpeg binary, "
+                "or unset it to use the bundled one"
+            )
+        return found
 
     @field_validator("s3_endpoint", mode="after")
     @classmethod

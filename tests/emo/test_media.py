@@ -339,3 +339,27 @@ def test_cli_reports_bad_audio_without_a_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in result.stderr
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "take1.wav" in lines[0] and lines[0].startswith("error:")
+
+
+def test_an_ffmpeg_that_cannot_start_is_named(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """EMO_FFMPEG pointing at an executable that is not a program: one MediaError naming it
+    and the setting, not an OSError traceback."""
+    from emo.settings import get_settings
+
+    fake = tmp_path / "ffmpeg"
+    fake.write_bytes(b"\x00\x01 not a program")
+    fake.chmod(0o755)
+    track = write_wav(tmp_path / "a.wav", tone(1.0))
+    monkeypatch.setenv("EMO_FFMPEG", str(fake))
+    get_settings.cache_clear()
+    try:
+        wanted = r"ffmpeg at .*ffmpeg. cannot be started .*EMO_FFMPEG"
+        with pytest.raises(MediaError, match=wanted):
+            media.load_audio(track, 16000)
+        with pytest.raises(MediaError, match="cannot be started"):
+            media.VideoWriter(tmp_path / "v.mp4", width=64, height=64, fps=25)
+    finally:
+        monkeypatch.delenv("EMO_FFMPEG")
+        get_settings.cache_clear()

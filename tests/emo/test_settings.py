@@ -152,3 +152,15 @@ def test_passwords_are_hidden_however_they_are_written(url: str, shown: str) -> 
     from emo.settings import hide_password
 
     assert hide_password(url) == shown
+
+
+def test_emo_ffmpeg_must_be_an_executable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """A path that is not an executable (a typo, a file without its x bit) is named at load,
+    not found as a traceback at the first decode."""
+    plain = tmp_path / "ffmpeg"
+    plain.write_text("#!/bin/sh\n")
+    monkeypatch.setenv("EMO_FFMPEG", str(plain))
+    with pytest.raises(SettingsError, match=r"EMO_FFMPEG: .*ffmpeg' is not an executable ffmpeg"):
+        load_settings()
+    plain.chmod(0o755)
+    assert load_settings().ffmpeg == str(plain)

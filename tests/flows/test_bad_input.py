@@ -245,6 +245,9 @@ ROWS: dict[str, Row] = {
     "EMO_S3_ENDPOINT": Row(batch({}), ("EMO_S3_ENDPOINT",), env={"EMO_S3_ENDPOINT": "a b:9"}),
     "EMO_GPU_CLASS": Row(batch({}), ("EMO_GPU_CLASS",), env={"EMO_GPU_CLASS": "abacus"}),
     "EMO_WEIGHTS": Row(batch({}), ("EMO_WEIGHTS", "nowhere"), env={"EMO_WEIGHTS": "/nowhere"}),
+    "EMO_FFMPEG": Row(
+        batch({}), ("EMO_FFMPEG", "/opt/nowhere/ffmpeg"), env={"EMO_FFMPEG": "/opt/nowhere/ffmpeg"}
+    ),
     "database down": Row(
         batch({}),
         ("127.0.0.1:1", "EMO_DATABASE_URL", "emo:***@"),  # the password hidden
