@@ -44,11 +44,12 @@ class Timeline:
 
 
 def run(label: str, env: dict[str, str], folder: Path, steps: int) -> None:
-    import flows.render_track as render_module
+    import flows.segments as render_module
     from emo import progress
     from emo.render import load_pipeline
     from emo.settings import get_settings
     from flows.context import _services
+    from flows.render_track import render_track
     from flows.submit_batch import submit_batch
 
     os.environ.update(env)
@@ -96,7 +97,7 @@ def run(label: str, env: dict[str, str], folder: Path, steps: int) -> None:
     start = time.perf_counter()
     try:
         load_pipeline.cache_clear()
-        render_module.render_track(job_id=job_id)
+        render_track(job_id=job_id)
     finally:
         progress.listen(None)
         render_module.render_segment = original

@@ -31,7 +31,7 @@ class JobSpec:
 
 def find_batch(*, session: Session, manifest_sha256: str) -> Batch | None:
     """The batch registered under this key, if any (``manifest_sha256`` holds the batch's
-    content key: the manifest's hash and its inputs', see ``emo.render.batch_key``)."""
+    content key: the manifest's hash and its inputs', see ``emo.job.batch_key``)."""
     return session.scalar(select(Batch).where(Batch.manifest_sha256 == manifest_sha256))
 
 

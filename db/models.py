@@ -104,7 +104,7 @@ class Batch(Base):
     """One submitted manifest. ``manifest_sha256`` is unique: resubmitting is idempotent.
 
     Since revision 0005 the column holds the batch's content key (the manifest's sha256 and the
-    sha256 of every input it names; ``emo.render.batch_key``), so an input edited in place makes
+    sha256 of every input it names; ``emo.job.batch_key``), so an input edited in place makes
     a new batch. The name is kept to spare a table rewrite.
     """
 

@@ -24,7 +24,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler
 from transformers import Wav2Vec2Model
 
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.audio import AudioProjection
 from emo.models.backbone import Backbone
 from emo.models.components import EMOComponents, build_components, vae_class
@@ -126,7 +126,7 @@ def require_new_bundle_path(path: Path | str) -> Path:
     """``path`` as a Path; a clear error if something is there (bundles are never overwritten)."""
     path = Path(path)
     if path.exists():
-        raise SettingsError(f"bundle directory {path} already exists; choose a new -o path")
+        raise InputError(f"bundle directory {path} already exists; choose a new -o path")
     return path
 
 
@@ -135,7 +135,7 @@ def read_bundle_info(path: Path | str) -> BundleInfo:
     path = Path(path)
     document_path = path / BUNDLE_FILE
     if not document_path.is_file():
-        raise SettingsError(
+        raise InputError(
             f"{path} is not a weights bundle (no {BUNDLE_FILE}); set EMO_WEIGHTS or --weights "
             "to a directory made by `emo weights init` or `emo train`"
         )
@@ -150,7 +150,7 @@ def read_bundle_info(path: Path | str) -> BundleInfo:
             recorded_config=document["config"],
         )
     except (ValueError, KeyError, TypeError) as error:
-        raise SettingsError(
+        raise InputError(
             f"weights bundle {path} has an unreadable {BUNDLE_FILE}: {error}"
         ) from None
 
@@ -159,7 +159,7 @@ def verify_bundle(info: BundleInfo) -> None:
     """Raise unless the files on disk still hash to the recorded value."""
     actual = content_hash(info.path, info.recorded_config or info.config)
     if actual != info.sha256:
-        raise SettingsError(
+        raise InputError(
             f"weights bundle {info.path} is damaged or was edited: content hash "
             f"{actual[:12]} != recorded {info.sha256[:12]}"
         )
@@ -210,7 +210,7 @@ def upgrade_bundle(
     recorded = info.recorded_config or info.config.to_dict()
     target = get_config(config_name or str(recorded.get("name")))
     if recorded.get("name") != target.name:
-        raise SettingsError(
+        raise InputError(
             f"{info.path} is a {recorded.get('name')!r} model; upgrade it with "
             f"--config {recorded.get('name')}"
         )
@@ -221,10 +221,10 @@ def upgrade_bundle(
     for name, module in fresh.modules().items():
         old, new = getattr(components, name).state_dict(), module.state_dict()
         if lost := sorted(set(old) - set(new)):
-            raise SettingsError(f"{info.path}: the upgraded {name} has no {lost[0]}")
+            raise InputError(f"{info.path}: the upgraded {name} has no {lost[0]}")
         for key, tensor in old.items():
             if tensor.shape != new[key].shape:
-                raise SettingsError(
+                raise InputError(
                     f"{info.path}: {name}.{key} is {tuple(tensor.shape)}, the upgraded "
                     f"network wants {tuple(new[key].shape)}"
                 )
@@ -233,3 +233,33 @@ def upgrade_bundle(
     meta = {k: v for k, v in info.meta.items() if k != "evaluation" or not new_tensors}
     meta["upgraded"] = {"from_sha256": info.sha256, "fields": added, "new_tensors": new_tensors}
     return save_bundle(fresh, config, output, scheduler_config=scheduler_config(info), meta=meta)
+
+
+def export_bundle(
+    bundle: Path,
+    output: Path,
+    *,
+    half: bool,
+    recipes: list[dict[str, str]],
+    evaluation: dict[str, Any] | None,
+    sampling: dict[str, Any],
+) -> BundleInfo:
+    """A copy of ``bundle`` for shipping: float16 if ``half``, recording the training recipes
+    (file name and text, in the order they ran) and the evaluation's summary, with the
+    sampling defaults (``steps``, ``guidance_scale``, ``continuation_strength``; None keeps
+    the bundle's) its evaluation was run with."""
+    components, info = load_bundle(bundle)
+    config = replace(info.config, **{k: v for k, v in sampling.items() if v is not None})
+    meta = dict(info.meta)
+    if recipes:
+        meta["recipe"] = recipes[0] if len(recipes) == 1 else recipes
+    if evaluation is not None:
+        meta["evaluation"] = {k: v for k, v in evaluation.items() if k != "per_video"}
+    return save_bundle(
+        components,
+        config,
+        output,
+        scheduler_config=scheduler_config(info),
+        meta=meta,
+        dtype=torch.float16 if half else None,
+    )

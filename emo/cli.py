@@ -26,7 +26,7 @@ except ImportError:  # older typer runs on click itself
 from emo.cli_jobs import register as register_job_commands
 from emo.cli_ops import register as register_ops_commands
 from emo.cli_training import register as register_training_commands
-from emo.errors import EmoError, SettingsError
+from emo.errors import EmoError, InputError
 from emo.quiet import SERVICE_COMMANDS, quiet_console
 from emo.settings import get_settings, hide_password
 
@@ -74,7 +74,7 @@ def plan(
     from emo.bundle import read_bundle_info
     from emo.media import load_audio
     from emo.plan import plan_segments
-    from emo.render import resolve_weights
+    from emo.store.weights import resolve_weights
 
     settings = get_settings()
     samples = load_audio(audio, settings.sample_rate)
@@ -233,10 +233,17 @@ def weights_export(
     half: Annotated[bool, typer.Option(help="store float16 weights (half the size)")] = True,
     recipe: Annotated[
         list[Path] | None,
-        typer.Option(help="the training recipe, recorded (repeat for recipes run in turn)"),
+        typer.Option(
+            help="the training recipe, recorded (repeat for recipes run in turn)",
+            exists=True,
+            dir_okay=False,
+        ),
     ] = None,
     evaluation: Annotated[
-        Path | None, typer.Option("--eval", help="emo eval --report JSON, recorded")
+        Path | None,
+        typer.Option(
+            "--eval", help="emo eval --report JSON, recorded", exists=True, dir_okay=False
+        ),
     ] = None,
     steps: Annotated[
         int | None, typer.Option(help="default denoising steps of renders; default the bundle's")
@@ -251,39 +258,25 @@ def weights_export(
 ) -> None:
     """Copy a bundle for shipping: optionally float16, with its recipe and evaluation, and
     with the sampling defaults its evaluation was run with."""
-    from dataclasses import replace
-
-    import torch
-
-    from emo.bundle import load_bundle, save_bundle, scheduler_config
+    from emo.bundle import export_bundle
 
     if (steps is not None and steps < 1) or (guidance is not None and not guidance > 0):
-        raise SettingsError("--steps must be at least 1 and --guidance positive (1 = none)")
+        raise InputError("--steps must be at least 1 and --guidance positive (1 = none)")
     if continuation_strength is not None and not 0 < continuation_strength <= 1:
-        raise SettingsError(
+        raise InputError(
             f"--continuation-strength must be above 0 and at most 1, not {continuation_strength}"
         )
-    components, info = load_bundle(bundle)
-    sampling = {
-        "steps": steps,
-        "guidance_scale": guidance,
-        "continuation_strength": continuation_strength,
-    }
-    config = replace(info.config, **{k: v for k, v in sampling.items() if v is not None})
-    meta = dict(info.meta)
-    if recipe:
-        texts = [{"file": path.name, "text": path.read_text()} for path in recipe]
-        meta["recipe"] = texts[0] if len(texts) == 1 else texts
-    if evaluation is not None:
-        report = json.loads(evaluation.read_text())
-        meta["evaluation"] = {k: v for k, v in report.items() if k != "per_video"}
-    exported = save_bundle(
-        components,
-        config,
+    exported = export_bundle(
+        bundle,
         output,
-        scheduler_config=scheduler_config(info),
-        meta=meta,
-        dtype=torch.float16 if half else None,
+        half=half,
+        recipes=[{"file": path.name, "text": path.read_text()} for path in recipe or []],
+        evaluation=json.loads(evaluation.read_text()) if evaluation is not None else None,
+        sampling={
+            "steps": steps,
+            "guidance_scale": guidance,
+            "continuation_strength": continuation_strength,
+        },
     )
     typer.echo(f"wrote {exported.path} (sha256 {exported.sha256})")
 
@@ -296,7 +289,7 @@ def weights_info(
 ) -> None:
     """Print a bundle's configuration, parameter counts per component and content hash."""
     from emo.bundle import load_bundle
-    from emo.render import resolve_weights
+    from emo.store.weights import resolve_weights
 
     # The weights a render would use: EMO_WEIGHTS (local or s3://, cached), else the default.
     path = bundle or resolve_weights(get_settings())

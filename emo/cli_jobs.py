@@ -12,9 +12,6 @@ import inspect
 import json
 import os
 import re
-import subprocess
-import sys
-import time
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any
@@ -27,7 +24,7 @@ from rich.table import Table
 
 from emo import progress
 from emo.embedded_prefect import watch_ephemeral_servers
-from emo.errors import EmoError, InputError, NotFound
+from emo.errors import InputError, NotFound
 from emo.manifest import MAX_NAME_BYTES, ManifestError, name_character, parse_manifest
 from emo.settings import get_settings
 
@@ -460,7 +457,7 @@ def _require_pinned(job_id: str, weights: str) -> None:
     """`--weights` names a bundle; a job registered earlier with another one renders with the
     bundle it is pinned to, so say so instead of rendering with weights nobody asked for."""
     from db.models import Job
-    from emo.render import bundle_sha256, resolve_weights
+    from emo.store.weights import bundle_sha256, resolve_weights
     from flows.context import services
 
     with services().sessions() as session:
@@ -484,7 +481,7 @@ def _require_pinned(job_id: str, weights: str) -> None:
 def _repin(reference: str) -> None:
     """Pin the job to the current bundle (a copy kept in the store) and start it over."""
     from db.jobs import repin_weights
-    from emo.render import pin_bundle, resolve_weights
+    from emo.store.weights import pin_bundle, resolve_weights
     from flows.context import services
 
     svc = services()
@@ -538,95 +535,6 @@ def _cancel_run(run_id: str) -> None:
         console.print(f"[yellow]note[/]: could not cancel its Prefect run {run_id}: {error}")
 
 
-def serve(
-    port: Annotated[int, typer.Option(help="UI and API port")] = 4200,
-) -> None:
-    """Run a local Prefect server (UI on 127.0.0.1:PORT) and serve emo's flows to it."""
-    import httpx
-
-    api = f"http://127.0.0.1:{port}/api"
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "prefect",
-            "server",
-            "start",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        env={**os.environ, "PREFECT_API_URL": api},
-    )
-    try:
-        for _ in range(120):
-            try:
-                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            time.sleep(1)
-        else:
-            raise EmoError(f"the Prefect server did not start on port {port}")
-        os.environ["PREFECT_API_URL"] = api
-        console.print(f"Prefect UI: http://127.0.0.1:{port}  (Ctrl-C stops)")
-        from prefect import serve as prefect_serve
-
-        from flows.nightly import nightly
-        from flows.render_track import render_track
-        from flows.submit_batch import submit_batch
-
-        prefect_serve(
-            render_track.to_deployment(name="render-track"),
-            submit_batch.to_deployment(name="submit-batch"),
-            nightly.to_deployment(name="nightly"),
-        )
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
-
-
-def deploy(
-    project: Annotated[
-        Path, typer.Option(help="folder with prefect.yaml and k8s/ (the checkout, /opt/emo)")
-    ] = Path("."),
-    image: Annotated[
-        str, typer.Option(envvar="EMO_IMAGE", help="worker image of the flow-run pods")
-    ] = "emo:latest",
-    timezone: Annotated[
-        str, typer.Option(envvar="EMO_NIGHTLY_TIMEZONE", help="time zone of the 02:00 nightly")
-    ] = "UTC",
-    namespace: Annotated[
-        str, typer.Option(envvar="EMO_NAMESPACE", help="Kubernetes namespace of flow-run Jobs")
-    ] = "emo",
-    wait: Annotated[float, typer.Option(help="seconds to wait for the Prefect API")] = 0,
-    farm: Annotated[
-        bool,
-        typer.Option(help="process pools gpu-local and cpu-local for `emo worker` (no k8s)"),
-    ] = False,
-) -> None:
-    """Register emo with the Prefect server at PREFECT_API_URL: work pools gpu and cpu (with
-    --farm: gpu-local and cpu-local), the deployments of prefect.yaml, the automations of
-    k8s/automations (all idempotent)."""
-    from emo.prefect_setup import deploy as register_all
-
-    report = register_all(
-        project.resolve(),
-        image=image,
-        timezone=timezone,
-        namespace=namespace,
-        wait_seconds=wait,
-        farm=farm,
-    )
-    console.print(f"work pools: {', '.join(report.pools)}")
-    console.print(
-        f"deployments: {', '.join(report.deployments)} (image {image}, namespace {namespace})"
-    )
-    console.print(f"automations: {', '.join(report.automations)}")
-    console.print(f"nightly runs at 02:00 {timezone}")
-
-
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output")] = Path("out/demo.mp4"),
 ) -> None:
@@ -652,5 +560,5 @@ def demo(
 
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
-    for command in (render, submit, validate, status, resume, cancel, serve, deploy, demo):
+    for command in (render, submit, validate, status, resume, cancel, demo):
         app.command()(command)

@@ -1,21 +1,24 @@
-"""``emo slots``, ``emo gc``, ``emo sweep``, ``emo worker``: operations commands for whoever
-runs the render farm.
-
-(``serve`` and ``deploy`` still live in ``emo.cli_jobs``; they belong here too.)
+"""``emo serve``, ``emo deploy``, ``emo worker``, ``emo sweep``, ``emo slots``, ``emo gc``: the
+operations commands, for whoever runs the render farm (the studio's commands are in
+``emo.cli_jobs``).
 """
 
 from __future__ import annotations
 
 import os
 import socket
+import subprocess
 import sys
 import time
 from datetime import datetime
+from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
 from rich.table import Table
+
+from emo.errors import EmoError
 
 console = Console(soft_wrap=True)
 
@@ -184,8 +187,99 @@ def worker(
     os.execv(sys.executable, command)
 
 
+def serve(
+    port: Annotated[int, typer.Option(help="UI and API port")] = 4200,
+) -> None:
+    """Run a local Prefect server (UI on 127.0.0.1:PORT) and serve emo's flows to it."""
+    import httpx
+
+    api = f"http://127.0.0.1:{port}/api"
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "prefect",
+            "server",
+            "start",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        env={**os.environ, "PREFECT_API_URL": api},
+    )
+    try:
+        for _ in range(120):
+            try:
+                if httpx.get(f"{api}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(1)
+        else:
+            raise EmoError(f"the Prefect server did not start on port {port}")
+        os.environ["PREFECT_API_URL"] = api
+        console.print(f"Prefect UI: http://127.0.0.1:{port}  (Ctrl-C stops)")
+        from prefect import serve as prefect_serve
+
+        from flows.nightly import nightly
+        from flows.render_track import render_track
+        from flows.submit_batch import submit_batch
+
+        prefect_serve(
+            render_track.to_deployment(name="render-track"),
+            submit_batch.to_deployment(name="submit-batch"),
+            nightly.to_deployment(name="nightly"),
+        )
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def deploy(
+    project: Annotated[
+        Path, typer.Option(help="folder with prefect.yaml and k8s/ (the checkout, /opt/emo)")
+    ] = Path("."),
+    image: Annotated[
+        str, typer.Option(envvar="EMO_IMAGE", help="worker image of the flow-run pods")
+    ] = "emo:latest",
+    timezone: Annotated[
+        str, typer.Option(envvar="EMO_NIGHTLY_TIMEZONE", help="time zone of the 02:00 nightly")
+    ] = "UTC",
+    namespace: Annotated[
+        str, typer.Option(envvar="EMO_NAMESPACE", help="Kubernetes namespace of flow-run Jobs")
+    ] = "emo",
+    wait: Annotated[float, typer.Option(help="seconds to wait for the Prefect API")] = 0,
+    farm: Annotated[
+        bool,
+        typer.Option(help="process pools gpu-local and cpu-local for `emo worker` (no k8s)"),
+    ] = False,
+) -> None:
+    """Register emo with the Prefect server at PREFECT_API_URL: work pools gpu and cpu (with
+    --farm: gpu-local and cpu-local), the deployments of prefect.yaml, the automations of
+    k8s/automations (all idempotent)."""
+    from emo.prefect_setup import deploy as register_all
+
+    report = register_all(
+        project.resolve(),
+        image=image,
+        timezone=timezone,
+        namespace=namespace,
+        wait_seconds=wait,
+        farm=farm,
+    )
+    console.print(f"work pools: {', '.join(report.pools)}")
+    console.print(
+        f"deployments: {', '.join(report.deployments)} (image {image}, namespace {namespace})"
+    )
+    console.print(f"automations: {', '.join(report.automations)}")
+    console.print(f"nightly runs at 02:00 {timezone}")
+
+
 def register(app: typer.Typer) -> None:
     """Add these commands to the ``emo`` app."""
+    app.command()(serve)
+    app.command()(deploy)
     app.command()(slots)
     app.command()(gc)
     app.command()(sweep)

@@ -9,7 +9,7 @@ import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from emo.errors import SettingsError
+from emo.errors import InputError
 
 console = Console(soft_wrap=True)
 
@@ -40,13 +40,13 @@ def synth(
     from emo.synthetic.corpus import SPLITS, make_corpus
 
     if videos < 1:
-        raise SettingsError(f"--videos must be at least 1, not {videos}")
+        raise InputError(f"--videos must be at least 1, not {videos}")
     if size < 32 or size % 2:
-        raise SettingsError(f"--size must be an even number of pixels >= 32, not {size}")
+        raise InputError(f"--size must be an even number of pixels >= 32, not {size}")
     if not 0.5 <= seconds <= 600:
-        raise SettingsError(f"--seconds must be between 0.5 and 600, not {seconds}")
+        raise InputError(f"--seconds must be between 0.5 and 600, not {seconds}")
     if split not in SPLITS:
-        raise SettingsError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
+        raise InputError(f"--split must be one of {', '.join(SPLITS)}, not {split!r}")
     with _bar() as bar:
         task = bar.add_task(f"synth {split}", total=videos)
         paths = make_corpus(
@@ -75,9 +75,9 @@ def prepare(
     from emo.training.prepare import PrepareOptions, prepare_dataset
 
     if not videos.is_dir():
-        raise SettingsError(f"videos directory {str(videos)!r} does not exist")
+        raise InputError(f"videos directory {str(videos)!r} does not exist")
     if resolution < 16 or resolution % 8:
-        raise SettingsError(f"--resolution must be a multiple of 8, at least 16, not {resolution}")
+        raise InputError(f"--resolution must be a multiple of 8, at least 16, not {resolution}")
     settings = get_settings()
     options = PrepareOptions(resolution, fps=settings.fps, sample_rate=settings.sample_rate)
     with _bar() as bar:
@@ -121,12 +121,12 @@ def train(
     from emo.training.trainer import train_stage
 
     if stage not in (1, 2, 3):
-        raise SettingsError(f"--stage must be 1, 2 or 3, not {stage}")
+        raise InputError(f"--stage must be 1, 2 or 3, not {stage}")
     overrides = {}
     for item in set_ or []:
         key, sep, value = item.partition("=")
         if not sep:
-            raise SettingsError(f"--set {item!r}: write key=value")
+            raise InputError(f"--set {item!r}: write key=value")
         overrides[key.strip()] = value.strip()
     recipe = load_train_config(config, overrides, stage)
     settings = get_settings()
@@ -182,15 +182,16 @@ def evaluate(
     from emo.eval.evaluate import BARS
     from emo.eval.evaluate import evaluate as run_evaluation
     from emo.pipeline import EMOPipeline
-    from emo.render import device_and_dtype, resolve_weights
+    from emo.render import device_and_dtype
     from emo.settings import get_settings
+    from emo.store.weights import resolve_weights
 
     if heldout < 1 or seconds < 1.0:
-        raise SettingsError("--heldout must be at least 1 and --seconds at least 1")
+        raise InputError("--heldout must be at least 1 and --seconds at least 1")
     if guidance is not None and not guidance > 0:
-        raise SettingsError(f"--guidance must be positive (1 = no guidance), not {guidance}")
+        raise InputError(f"--guidance must be positive (1 = no guidance), not {guidance}")
     if continuation_strength is not None and not 0 < continuation_strength <= 1:
-        raise SettingsError(
+        raise InputError(
             f"--continuation-strength must be above 0 and at most 1, not {continuation_strength}"
         )
     settings = get_settings()

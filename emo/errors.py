@@ -15,7 +15,8 @@ class EmoError(Exception):
 
 
 class SettingsError(EmoError):
-    """An ``EMO_*`` setting is invalid; the message names the variable."""
+    """An ``EMO_*`` setting is invalid (or two disagree); the message names the variable. A
+    file or an option the user gave is an ``InputError``."""
 
     exit_code = 2
 
@@ -50,6 +51,10 @@ class StoreAuthError(StoreError):
     """The object store refused the credentials; the message names the settings to fix."""
 
     exit_code = 2
+
+
+class TrainingDiverged(EmoError):
+    """Training's loss stopped being a number; the message names the step and what to change."""
 
 
 class JobStateError(EmoError):

@@ -15,7 +15,7 @@ from enum import StrEnum
 
 import numpy as np
 
-from emo.errors import MediaError, SettingsError
+from emo.errors import InputError, MediaError
 from emo.quiet import native_output_silenced
 
 Box = tuple[float, float, float, float]  # x0, y0, x1, y1 in [0, 1]
@@ -77,10 +77,10 @@ def expand_box(box: Box, factor: float) -> Box:
 def check_box(box: Sequence[float], name: str = "face box") -> Box:
     """A manual box as (x0, y0, x1, y1) in [0, 1] with x0 < x1 and y0 < y1."""
     if len(box) != 4:
-        raise SettingsError(f"{name} needs four numbers x0,y0,x1,y1 (fractions of the image)")
+        raise InputError(f"{name} needs four numbers x0,y0,x1,y1 (fractions of the image)")
     x0, y0, x1, y1 = (float(v) for v in box)
     if not (0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1):
-        raise SettingsError(
+        raise InputError(
             f"{name} {tuple(box)} must satisfy 0 <= x0 < x1 <= 1 and 0 <= y0 < y1 <= 1"
         )
     return (x0, y0, x1, y1)

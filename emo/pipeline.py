@@ -40,12 +40,12 @@ from safetensors.torch import load_file, save_file
 
 from emo import face
 from emo.bundle import BundleInfo, load_bundle, scheduler_config
-from emo.errors import SettingsError
+from emo.errors import InputError, SettingsError
 from emo.models.audio import clip_audio, clip_audio_features, context_frames
 from emo.models.components import EMOComponents
 from emo.models.conditioning import Conditioning
 from emo.models.config import EMOConfig
-from emo.models.speed import speed_windows
+from emo.models.speed import Speed, speed_schedule, speed_windows
 
 SCHEDULERS: dict[str, type[SchedulerMixin]] = {
     "ddim": DDIMScheduler,
@@ -163,36 +163,36 @@ class EMOPipeline:
     ) -> None:
         size = self.config.resolution
         if image.dtype != np.uint8 or image.shape != (size, size, 3):
-            raise SettingsError(
+            raise InputError(
                 f"reference image must be ({size}, {size}, 3) uint8, "
                 f"got {image.dtype} {image.shape}"
             )
         if audio.ndim != 1 or audio.size == 0:
-            raise SettingsError("audio must be a non-empty mono signal")
+            raise InputError("audio must be a non-empty mono signal")
         total = self.clip_count(audio)
         if not clips or clips.start < 0 or clips.stop > total or clips.step != 1:
-            raise SettingsError(
+            raise InputError(
                 f"clips {clips.start}..{clips.stop - 1} outside the track's 0..{total - 1}"
             )
         if clips.start > 0 and (motion_state is None or motion_state.next_clip != clips.start):
             have = "none" if motion_state is None else f"clip {motion_state.next_clip}"
-            raise SettingsError(
+            raise InputError(
                 f"clip {clips.start} needs the motion state left by clip "
                 f"{clips.start - 1} (have {have})"
             )
         if steps < 1:
-            raise SettingsError("steps must be at least 1")
+            raise InputError("steps must be at least 1")
         if not 0 < strength <= 1:
-            raise SettingsError(
+            raise InputError(
                 f"continuation strength must be above 0 and at most 1 (1: every clip from "
                 f"pure noise), not {strength}"
             )
 
     def _scheduler(self, name: str, steps: int) -> SchedulerMixin:
         if name not in SCHEDULERS:
-            raise SettingsError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)}")
+            raise InputError(f"unknown scheduler {name!r}; choose {', '.join(SCHEDULERS)}")
         if name == "pndm" and self.scheduler_config.get("prediction_type") == "sample":
-            raise SettingsError(
+            raise InputError(
                 "scheduler pndm cannot sample a model that predicts samples; "
                 "use ddim, euler, dpm++ or unipc"
             )
@@ -254,17 +254,6 @@ class EMOPipeline:
         )
         return self.components.speed_encoder(windows[None].to(self.device))
 
-    def speed_schedule(
-        self, speed: float | Sequence[float] | np.ndarray, frames: int
-    ) -> torch.Tensor:
-        """One level for every frame, or a per-frame schedule (padded with its last value)."""
-        values = np.atleast_1d(np.asarray(speed, dtype=np.float32))
-        if values.size == 1:
-            return torch.full((frames,), float(values[0]))
-        if values.size < frames:
-            values = np.concatenate([values, np.full(frames - values.size, values[-1])])
-        return torch.from_numpy(values[:frames].astype(np.float32))
-
     # -- generation ------------------------------------------------------------------------
 
     @torch.no_grad()
@@ -276,7 +265,7 @@ class EMOPipeline:
         clips: range,
         face_box: Sequence[float] | None = None,
         face_mask: np.ndarray | None = None,
-        speed: float | Sequence[float] | np.ndarray = 0.02,
+        speed: Speed = 0.02,
         seed: int = 0,
         steps: int | None = None,
         guidance_scale: float | None = None,
@@ -307,7 +296,8 @@ class EMOPipeline:
             mask = torch.from_numpy(face.face_mask(box, cfg.resolution, cfg.resolution))
         located = parts.face_locator(mask[None, None].to(self.device))[:, :, None]  # (1,C,1,h,w)
         mouth = torch.from_numpy(face.mouth_mask(mask.numpy(), cfg.latent_size)).to(self.device)
-        speeds = self.speed_schedule(speed, self.clip_count(audio) * cfg.clip_frames)
+        track_frames = self.clip_count(audio) * cfg.clip_frames
+        speeds = torch.from_numpy(speed_schedule(speed, track_frames, self.fps))
 
         motion = None if motion_state is None else motion_state.latents
         frames = []

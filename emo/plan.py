@@ -169,3 +169,24 @@ def plan_segments(
         total_clips=total_clips,
         segments=tuple(segments),
     )
+
+
+def plan_change(job_id: str, stored: SegmentPlan, now: SegmentPlan) -> str:
+    """What differs between a job's stored plan and the one computed now, by the setting's
+    name, and how to go on: checkpoints hold only for the boundaries they were rendered with."""
+    names = {
+        "fps": "EMO_FPS",
+        "sample_rate": "EMO_SAMPLE_RATE",
+        "clip_frames": "the weights bundle's clip_frames",
+        "segment_seconds": "segment_seconds (EMO_SEGMENT_SECONDS or the job's option)",
+        "total_samples": "the audio's length",
+    }
+    changed = [
+        f"{label} {getattr(stored, field)} -> {getattr(now, field)}"
+        for field, label in names.items()
+        if getattr(stored, field) != getattr(now, field)
+    ] or ["the audio's quiet points (the input changed)"]
+    return (
+        f"job {job_id} was planned with other settings: {'; '.join(changed)}. Restore them to "
+        "resume it, or `emo resume JOB --new-weights` to render it again from scratch"
+    )

@@ -30,7 +30,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import yaml
 
-from emo.errors import EmoError, SettingsError
+from emo.errors import EmoError, InputError, SettingsError
 
 POOLS_DIR = Path("k8s/work-pools")
 AUTOMATIONS_DIR = Path("k8s/automations")
@@ -49,12 +49,12 @@ class DeployReport:
 def check_project(project: Path) -> None:
     """The folder must hold prefect.yaml and the work-pool templates (a checkout or /opt/emo)."""
     if not (project / "prefect.yaml").is_file():
-        raise SettingsError(
+        raise InputError(
             f"no prefect.yaml in {project}; run emo deploy in the emo checkout "
             "(or the image's /opt/emo), or pass --project"
         )
     if not sorted((project / POOLS_DIR).glob("*.json")):
-        raise SettingsError(f"no work-pool templates in {project / POOLS_DIR}")
+        raise InputError(f"no work-pool templates in {project / POOLS_DIR}")
 
 
 def check_timezone(name: str) -> str:
@@ -96,7 +96,7 @@ def ensure_work_pools(project: Path) -> list[str]:
             try:
                 template = json.loads(path.read_text())
             except json.JSONDecodeError as error:
-                raise SettingsError(f"{path}: not JSON ({error})") from None
+                raise InputError(f"{path}: not JSON ({error})") from None
             client.create_work_pool(
                 WorkPoolCreate(name=path.stem, type="kubernetes", base_job_template=template),
                 overwrite=True,

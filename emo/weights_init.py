@@ -24,7 +24,7 @@ from safetensors.torch import load_file
 from transformers import Wav2Vec2Model
 
 from emo.bundle import BundleInfo, save_bundle
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.components import EMOComponents, new_backbone, new_emo_layers
 from emo.models.config import SD15_SCHEDULER, EMOConfig
 from emo.models.reference_net import ReferenceNet
@@ -59,7 +59,7 @@ class InitReport:
 
 def _require_dir(path: Path, what: str, option: str) -> Path:
     if not path.is_dir():
-        raise SettingsError(f"{option} {path}: no {what} directory there")
+        raise InputError(f"{option} {path}: no {what} directory there")
     return path
 
 
@@ -71,7 +71,7 @@ def load_sd_unet(sd15: Path) -> UNet2DConditionModel:
     """The UNet of an SD1.5 directory in diffusers layout (``unet/`` below it, or itself)."""
     folder = sd15 / "unet" if (sd15 / "unet").is_dir() else sd15
     if not (folder / "config.json").is_file():
-        raise SettingsError(f"--sd15 {sd15}: no diffusers UNet (unet/config.json) found")
+        raise InputError(f"--sd15 {sd15}: no diffusers UNet (unet/config.json) found")
     return UNet2DConditionModel.from_pretrained(folder)
 
 
@@ -95,7 +95,7 @@ def _adapter_config_from_checkpoint(
     while f"down_blocks.0.motion_modules.{layers}.proj_in.weight" in state:
         layers += 1
     if not channels or not positions:
-        raise SettingsError(
+        raise InputError(
             "--animatediff: not an AnimateDiff motion-module checkpoint "
             "(no down_blocks.*.motion_modules.* tensors)"
         )
@@ -114,7 +114,7 @@ def load_motion_adapter(path: Path, base: EMOConfig) -> tuple[MotionAdapter, lis
     if path.is_dir():
         return MotionAdapter.from_pretrained(path), []
     if not path.is_file() or path.suffix not in CHECKPOINT_SUFFIXES:
-        raise SettingsError(
+        raise InputError(
             f"--animatediff {path}: give a MotionAdapter directory or an "
             f"original checkpoint ({', '.join(CHECKPOINT_SUFFIXES)})"
         )
@@ -130,7 +130,7 @@ def load_motion_adapter(path: Path, base: EMOConfig) -> tuple[MotionAdapter, lis
     adapter = MotionAdapter(**config)
     missing, unexpected = adapter.load_state_dict(converted, strict=False)
     if unexpected or any(not k.endswith("pos_embed.pe") for k in missing):
-        raise SettingsError(
+        raise InputError(
             f"--animatediff {path}: layout not understood "
             f"(unexpected {unexpected[:3]}, missing {missing[:3]})"
         )
@@ -139,7 +139,7 @@ def load_motion_adapter(path: Path, base: EMOConfig) -> tuple[MotionAdapter, lis
         table = state[key]
         expected = SinusoidalPositionalEmbedding(table.shape[2], table.shape[1]).pe
         if not torch.allclose(table.float(), expected, atol=1e-4):
-            raise SettingsError(f"--animatediff {path}: {key} is not the standard sinusoid")
+            raise InputError(f"--animatediff {path}: {key} is not the standard sinusoid")
     return adapter, [f"animatediff:{k}" for k in positions]
 
 
@@ -174,7 +174,7 @@ def _fill(
         if key in sources:
             name, tensor = sources[key]
             if tensor.shape != state[key].shape:
-                raise SettingsError(
+                raise InputError(
                     f"{name} has shape {tuple(tensor.shape)}, {owner} needs "
                     f"{tuple(state[key].shape)} for {key}"
                 )
@@ -251,26 +251,26 @@ def check_config(config: EMOConfig) -> None:
     """Refuse configurations whose parts do not fit together, naming the part."""
     layers = config.wav2vec2.get("num_hidden_layers", 12)
     if max(config.audio_layers) > layers:
-        raise SettingsError(
+        raise InputError(
             f"audio_layers {config.audio_layers} ask for wav2vec2 block "
             f"{max(config.audio_layers)}, but the model has {layers}"
         )
     sequence = config.motion["motion_max_seq_length"]
     if config.clip_frames + config.motion_frames > sequence:
-        raise SettingsError(
+        raise InputError(
             f"clip_frames + motion_frames = "
             f"{config.clip_frames + config.motion_frames} exceeds the motion "
             f"modules' {sequence} positions"
         )
     if list(config.unet["block_out_channels"]) != list(config.motion["block_out_channels"]):
-        raise SettingsError(
+        raise InputError(
             "the AnimateDiff motion modules were made for another UNet "
             f"(channels {config.motion['block_out_channels']} vs "
             f"{config.unet['block_out_channels']})"
         )
     downsample = config.vae_scale * 2 ** (len(config.unet["block_out_channels"]) - 1)
     if config.resolution % downsample:
-        raise SettingsError(f"resolution {config.resolution} must be a multiple of {downsample}")
+        raise InputError(f"resolution {config.resolution} must be a multiple of {downsample}")
 
 
 def init_bundle(
@@ -287,7 +287,7 @@ def init_bundle(
         sd15=sd15, animatediff=animatediff, wav2vec2=wav2vec2, vae=vae, base=base
     )
     if not report.as_expected:
-        raise SettingsError("weights did not map as expected:\n" + "\n".join(report.lines()))
+        raise InputError("weights did not map as expected:\n" + "\n".join(report.lines()))
     sources = {
         "sd15": str(sd15),
         "animatediff": str(animatediff),

@@ -36,6 +36,8 @@ from emo import media
 from emo.confine import input_problem
 from emo.cost import gpu_seconds
 from emo.errors import EmoError, ObjectNotFound, StoreAuthError, StoreUnavailable
+from emo.inputs import fetch, portrait_region
+from emo.job import batch_key, job_id_for, resolve_params
 from emo.manifest import (
     Manifest,
     ManifestError,
@@ -43,18 +45,10 @@ from emo.manifest import (
     read_manifest_source,
 )
 from emo.plan import frame_count
-from emo.render import (
-    batch_key,
-    check_frame_layout,
-    fetch,
-    job_id_for,
-    pin_bundle,
-    portrait_region,
-    resolve_params,
-    resolve_weights,
-)
+from emo.render import check_frame_layout
 from emo.settings import Settings
 from emo.store.base import is_fresh, sha256_file
+from emo.store.weights import pin_bundle, resolve_weights
 from flows.context import Services, services
 from flows.dispatch import settle
 

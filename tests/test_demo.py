@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from emo import media
-from emo.render import SHIPPED_DEMO
+from emo.store.weights import SHIPPED_DEMO
 from tests.conftest import run_emo
 
 pytestmark = pytest.mark.slow  # the demo render as a process

@@ -21,3 +21,11 @@ def test_every_query_lives_in_db() -> None:
         if QUERY.search(line)
     ]
     assert found == []
+
+
+def test_render_track_is_its_recipe() -> None:
+    """The render flow's file is the recipe a reader follows top to bottom: the flow and its
+    wiring, each step a task of its own module (the UI shows the same steps)."""
+    source = (ROOT / "flows" / "render_track.py").read_text()
+    assert len(source.splitlines()) < 300
+    assert source.count("@flow(") == 1 and "@task" not in source

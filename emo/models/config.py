@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from emo.errors import SettingsError
+from emo.errors import InputError
 
 # SD1.5 UNet (diffusers layout); its text cross-attention becomes EMO's audio-attention.
 SD15_UNET: dict[str, Any] = {
@@ -254,6 +254,6 @@ def get_config(name: str) -> EMOConfig:
     try:
         return CONFIGS[name]
     except KeyError:
-        raise SettingsError(
+        raise InputError(
             f"unknown model configuration {name!r}; choose one of {', '.join(sorted(CONFIGS))}"
         ) from None

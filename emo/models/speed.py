@@ -1,16 +1,39 @@
-"""Speed layers' input: head rotation speed per frame -> bucket activations -> speed tokens.
+"""Speed layers: head rotation speed per frame -> bucket activations -> speed tokens, and the
+attention through which each temporal module's frames read them.
 
 Speed w (radians per frame) activates d buckets with centres c_d and radii r_d as
 s_d = tanh(3 (w - c_d) / r_d) (paper, Sec. 3.3); frame i takes the buckets of frames i-m..i+m,
-and an MLP turns each into a token the temporal modules attend to.
+and an MLP turns each into a token; in each temporal module, frame i attends to its tokens
+(``SpeedAttention``, output projection zero-initialised so a new layer starts as the identity).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
+import numpy as np
 import torch
+import torch.nn.functional as F
 from diffusers import ConfigMixin, ModelMixin
 from diffusers.configuration_utils import register_to_config
+from einops import rearrange
 from torch import nn
+
+Speed = float | Sequence[float] | Sequence[Sequence[float]] | np.ndarray
+
+
+def speed_schedule(speed: Speed, frames: int, fps: int) -> np.ndarray:
+    """Head speed per frame, (frames,) float32, from one level, a per-frame array (padded with
+    its last value), or (seconds, level) points (linear between, held beyond the ends)."""
+    values = np.asarray(speed, dtype=np.float32)
+    if values.ndim == 2:  # (seconds, level) points, as a manifest gives them
+        order = np.lexsort((values[:, 1], values[:, 0]))
+        times = np.arange(frames) / fps
+        return np.interp(times, values[order, 0], values[order, 1]).astype(np.float32)
+    values = np.atleast_1d(values)
+    if values.size < frames:
+        values = np.concatenate([values, np.full(frames - values.size, values[-1], np.float32)])
+    return values[:frames]
 
 
 def speed_windows(speeds: torch.Tensor, *, start: int, frames: int, window: int) -> torch.Tensor:
@@ -46,3 +69,35 @@ class SpeedEncoder(ModelMixin, ConfigMixin):
     def forward(self, speeds: torch.Tensor) -> torch.Tensor:
         activations = self.buckets(speeds.to(self.bucket_centers.dtype)).to(self.dtype)
         return self.mlp(activations) + self.position
+
+
+class SpeedAttention(nn.Module):
+    """Frame i of every spatial position attends to frame i's K speed tokens."""
+
+    def __init__(self, channels: int, speed_dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.norm = nn.GroupNorm(num_groups=_groups(channels), num_channels=channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels, bias=False)
+        self.to_k = nn.Linear(speed_dim, channels, bias=False)
+        self.to_v = nn.Linear(speed_dim, channels, bias=False)
+        self.to_out = nn.Linear(channels, channels)
+        nn.init.zeros_(self.to_out.weight)
+        nn.init.zeros_(self.to_out.bias)
+
+    def forward(self, x: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
+        """x: (B*F, C, H, W); speed: (B, F, K, D) -> residual (B*F, C, H, W)."""
+        b, f = speed.shape[:2]
+        h, w = x.shape[-2:]
+        q = self.to_q(rearrange(self.norm(x), "(b f) c h w -> b f (h w) c", b=b))  # (B,F,P,C)
+        k, v = self.to_k(speed), self.to_v(speed)  # (B, F, K, C)
+        q = rearrange(q, "b f p (n d) -> (b f) n p d", n=self.heads)
+        k = rearrange(k, "b f k (n d) -> (b f) n k d", n=self.heads)
+        v = rearrange(v, "b f k (n d) -> (b f) n k d", n=self.heads)
+        out = F.scaled_dot_product_attention(q, k, v)  # (B*F, heads, P, d)
+        out = self.to_out(rearrange(out, "bf n p d -> bf p (n d)"))
+        return rearrange(out, "bf (h w) c -> bf c h w", h=h, w=w)
+
+
+def _groups(channels: int) -> int:
+    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)

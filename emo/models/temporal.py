@@ -14,43 +14,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
 from emo.models.conditioning import ConditioningSlot, repeat_batch
-
-
-class SpeedAttention(nn.Module):
-    """Frame i of every spatial position attends to frame i's K speed tokens."""
-
-    def __init__(self, channels: int, speed_dim: int, heads: int) -> None:
-        super().__init__()
-        self.heads = heads
-        self.norm = nn.GroupNorm(num_groups=_groups(channels), num_channels=channels, eps=1e-6)
-        self.to_q = nn.Linear(channels, channels, bias=False)
-        self.to_k = nn.Linear(speed_dim, channels, bias=False)
-        self.to_v = nn.Linear(speed_dim, channels, bias=False)
-        self.to_out = nn.Linear(channels, channels)
-        nn.init.zeros_(self.to_out.weight)
-        nn.init.zeros_(self.to_out.bias)
-
-    def forward(self, x: torch.Tensor, speed: torch.Tensor) -> torch.Tensor:
-        """x: (B*F, C, H, W); speed: (B, F, K, D) -> residual (B*F, C, H, W)."""
-        b, f = speed.shape[:2]
-        h, w = x.shape[-2:]
-        q = self.to_q(rearrange(self.norm(x), "(b f) c h w -> b f (h w) c", b=b))  # (B,F,P,C)
-        k, v = self.to_k(speed), self.to_v(speed)  # (B, F, K, C)
-        q = rearrange(q, "b f p (n d) -> (b f) n p d", n=self.heads)
-        k = rearrange(k, "b f k (n d) -> (b f) n k d", n=self.heads)
-        v = rearrange(v, "b f k (n d) -> (b f) n k d", n=self.heads)
-        out = F.scaled_dot_product_attention(q, k, v)  # (B*F, heads, P, d)
-        out = self.to_out(rearrange(out, "bf n p d -> bf p (n d)"))
-        return rearrange(out, "bf (h w) c -> bf c h w", h=h, w=w)
-
-
-def _groups(channels: int) -> int:
-    return next(g for g in (32, 16, 8, 4, 2, 1) if channels % g == 0)
+from emo.models.speed import SpeedAttention
 
 
 class TemporalModule(nn.Module):

@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
-from emo.errors import SettingsError
+from emo.errors import InputError
 
 Prediction = Literal["epsilon", "v_prediction", "sample"]
 
@@ -71,15 +71,15 @@ def load_train_config(
     values: dict[str, Any] = {}
     if path is not None:
         if not path.is_file():
-            raise SettingsError(f"training config {str(path)!r} does not exist")
+            raise InputError(f"training config {str(path)!r} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise SettingsError(f"training config {str(path)!r} must be a mapping of keys")
+            raise InputError(f"training config {str(path)!r} must be a mapping of keys")
         sections = {"train", "stage1", "stage2", "stage3"}
         if set(loaded) & sections:
             stray = sorted(set(loaded) - sections)
             if stray:
-                raise SettingsError(
+                raise InputError(
                     f"training config {str(path)!r}: unknown section(s) {', '.join(stray)}; "
                     "use train, stage1, stage2, stage3"
                 )
@@ -91,17 +91,17 @@ def load_train_config(
     known = {f.name for f in fields(TrainConfig)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise SettingsError(
+        raise InputError(
             f"unknown training setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     try:
         config = replace(TrainConfig(), **{k: _coerce(k, v) for k, v in values.items()})
     except (TypeError, ValueError) as error:
-        raise SettingsError(f"invalid training setting: {error}") from error
+        raise InputError(f"invalid training setting: {error}") from error
     if config.prediction not in ("epsilon", "v_prediction", "sample"):
-        raise SettingsError(
+        raise InputError(
             f"prediction must be epsilon, v_prediction or sample, not {config.prediction!r}"
         )
     if config.batch_size < 1 or config.steps < 1 or config.learning_rate <= 0:
-        raise SettingsError("batch_size and steps must be >= 1 and learning_rate > 0")
+        raise InputError("batch_size and steps must be >= 1 and learning_rate > 0")
     return config

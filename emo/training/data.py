@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.audio import frames_audio
 
 
@@ -35,10 +35,10 @@ class WindowSpec:
 def read_index(root: Path) -> dict[str, Any]:
     path = root / "dataset.json"
     if not path.is_file():
-        raise SettingsError(f"{root} is not a prepared dataset (no dataset.json); run emo prepare")
+        raise InputError(f"{root} is not a prepared dataset (no dataset.json); run emo prepare")
     index = json.loads(path.read_text())
     if not index["shards"]:
-        raise SettingsError(f"dataset {root} holds no videos")
+        raise InputError(f"dataset {root} holds no videos")
     return index
 
 
@@ -58,9 +58,7 @@ class WindowSampler(IterableDataset):
         index = read_index(root)
         self.shards = [s["name"] for s in index["shards"] if s["frames"] >= spec.frames + 1]
         if not self.shards:
-            raise SettingsError(
-                f"no video in {root} has the {spec.frames + 1} frames a sample needs"
-            )
+            raise InputError(f"no video in {root} has the {spec.frames + 1} frames a sample needs")
 
     def __iter__(self):
         worker = get_worker_info()

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import skimage
 
-from emo.errors import MediaError, SettingsError
+from emo.errors import InputError, MediaError
 from emo.face import (
     FACE_EXPAND,
     FULL_FRAME,
@@ -50,7 +50,7 @@ def test_region_expands_the_box_and_manual_box_wins(astronaut: np.ndarray) -> No
     assert (wider.box[2] - wider.box[0]) == pytest.approx(1.5 * (detected.box[2] - detected.box[0]))
     manual = face_region(astronaut, manual_box=(0.1, 0.1, 0.3, 0.4), expand=1.0)
     assert manual.source == "manual" and manual.box == pytest.approx((0.1, 0.1, 0.3, 0.4))
-    with pytest.raises(SettingsError, match="face box"):
+    with pytest.raises(InputError, match="face box"):
         face_region(astronaut, manual_box=(0.5, 0.1, 0.3, 0.4))
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from emo.bundle import load_bundle, save_bundle
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.components import build_components
 from emo.models.config import TINY
 from emo.synthetic.corpus import make_corpus
@@ -180,7 +180,7 @@ def test_a_later_stage_keeps_the_earlier_stages_target(
     )
     assert first.meta["made_by"] == "emo train"
     epsilon = load_train_config(None, {"steps": 1, "batch_size": 1})
-    with pytest.raises(SettingsError, match="trained to predict sample"):
+    with pytest.raises(InputError, match="trained to predict sample"):
         train_stage(
             stage=2,
             data=data,
@@ -189,3 +189,22 @@ def test_a_later_stage_keeps_the_earlier_stages_target(
             train=epsilon,
             run_dir=tmp_path / "run2",
         )
+
+
+def test_a_diverging_run_stops_naming_the_step_and_writes_no_bundle(
+    corpus: tuple[Path, Path], tmp_path: Path
+) -> None:
+    from emo.errors import TrainingDiverged
+
+    data, init = corpus
+    wild = {"steps": 4, "batch_size": 1, "learning_rate": 1e12, "grad_clip": 0}
+    with pytest.raises(TrainingDiverged, match=r"loss became \S+ at step \d; lower learning_rate"):
+        train_stage(
+            stage=1,
+            data=data,
+            init=init,
+            output=tmp_path / "out",
+            train=load_train_config(None, wild),
+            run_dir=tmp_path / "run",
+        )
+    assert not (tmp_path / "out").exists()

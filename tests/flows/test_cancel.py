@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow  # a render cancelled mid-job
 def test_a_cancelled_render_stops_within_its_segment_and_stays_cancelled(
     studio: Studio, tmp_path: Path
 ) -> None:
-    import flows.render_track as flow
+    import flows.segments as flow
 
     # One 3 s segment (7 clips) of 60 steps: 420 denoising steps, over ten seconds here.
     path = manifest(tmp_path / "c.yaml", studio, ["long"], steps=60, segment_seconds=10)

@@ -214,20 +214,21 @@ def test_a_displaced_render_cannot_record_or_publish_and_its_work_is_adopted(
     studio: Studio, tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     import flows.render_track as flow
+    import flows.segments as segments
 
     # The heartbeat (every 20 s) will not notice the take-over: only the fencing stops it.
     monkeypatch.setenv("EMO_LEASE_SECONDS", "60")
     clear_caches()
     reference = _clean_render(studio, tmp_path, studio.vocal, "reference")
     job_id = _job(studio, tmp_path, "displaced")
-    original = flow.render_segment
+    original = segments.render_segment
 
     def taken_over_during_segment_1(pipeline, **kwargs):
         if kwargs["segment"].index == 1:
             _take_over(studio, job_id)
         return original(pipeline, **kwargs)
 
-    monkeypatch.setattr(flow, "render_segment", taken_over_during_segment_1)
+    monkeypatch.setattr(segments, "render_segment", taken_over_during_segment_1)
     with pytest.raises(LeaseHeld, match="epoch 1, but the job is at epoch 2.*usurper"):
         render_track(job_id=job_id)
     with _session(studio) as session:
@@ -240,7 +241,7 @@ def test_a_displaced_render_cannot_record_or_publish_and_its_work_is_adopted(
     assert gc.exit_code == 0 and job_id not in gc.output  # a held job is never collected
 
     # The holder gives the job up; the next render adopts the displaced render's segment 1.
-    monkeypatch.setattr(flow, "render_segment", original)
+    monkeypatch.setattr(segments, "render_segment", original)
     _give_back(studio, job_id)
 
     def taken_over_during_qc(*args, **kwargs):
@@ -286,9 +287,9 @@ def _gc(*args: str):
 
 def _fail_at_segment_2(monkeypatch: pytest.MonkeyPatch, job_ids: list[str]) -> None:
     """Render each job until its segment 2 fails (a GPU error): segments 0 and 1 recorded."""
-    import flows.render_track as flow
+    import flows.segments as segments
 
-    original = flow.render_segment
+    original = segments.render_segment
 
     def fail_at_segment_2(pipeline, **kwargs):
         if kwargs["segment"].index == 2:
@@ -296,7 +297,7 @@ def _fail_at_segment_2(monkeypatch: pytest.MonkeyPatch, job_ids: list[str]) -> N
         return original(pipeline, **kwargs)
 
     with monkeypatch.context() as patch:
-        patch.setattr(flow, "render_segment", fail_at_segment_2)
+        patch.setattr(segments, "render_segment", fail_at_segment_2)
         for job_id in job_ids:
             with pytest.raises(RuntimeError, match="GPU fell off the bus"):
                 render_track(job_id=job_id)

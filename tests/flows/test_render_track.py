@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import threading
 import time
 from pathlib import Path
@@ -150,8 +151,12 @@ def test_three_segment_job_end_to_end(
         progress, qc, video = (latest(f"{prefix}-{k}") for k in ("progress", "qc", "video"))
         table = latest(f"batch-{result['batch_id'][:12]}")
     assert "batch:one" in run.tags  # flow run named batch/job, tagged with its batch
-    segments_runs = sorted(t.name for t in tasks if t.name.startswith("segment "))
-    assert len(segments_runs) == 3 and segments_runs[0].startswith("segment 0 (0:00.0-")
+    # The task runs are the recipe's steps, in order; a segment's run is named by its place.
+    ordered = sorted(tasks, key=lambda t: t.start_time)
+    steps = [re.sub(r"-[0-9a-f]{3}$", "", t.name) for t in ordered]
+    assert steps[:3] == ["load model", "load inputs", "plan"], steps
+    assert steps[-5:] == ["assemble", "qc", "write reports", "finish", "deliver"], steps
+    assert len(steps) == 3 + 3 + 5 and steps[3].startswith("segment 0 (0:00.0-"), steps
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert qc.type == "table" and "seam_jitter" in json.dumps(qc.data)
     assert f"{out}final.mp4" in str(video.data)  # a link to the final video

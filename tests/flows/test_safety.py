@@ -18,13 +18,16 @@ from db.events import job_events
 from db.leases import acquire_lease
 from db.models import Job, JobStatus, Segment, SegmentStatus, utcnow
 from emo.errors import EmoError
+from emo.job import JobParams
 from emo.models.config import TINY
+from emo.outputs import replace_frame_folder
 from emo.plan import plan_segments
-from emo.render import JobParams
 from emo.store import LocalStore
 from emo.store.checkpoint import read_segment_checkpoint, write_segment_checkpoint
 from flows.context import LeaseHeld
-from flows.render_track import JobRecord, _replace_frame_folder, render_track, segment_binding
+from flows.job_run import JobRecord
+from flows.render_track import render_track
+from flows.segments import segment_binding
 from flows.submit_batch import submit_batch
 from tests.flows.conftest import Studio, manifest
 
@@ -135,14 +138,14 @@ def test_png_output_never_deletes_a_users_folder(tmp_path: Path) -> None:
     deliveries.mkdir()
     (deliveries / "contract.pdf").write_bytes(b"keep me")
     with pytest.raises(EmoError, match="not a frame folder from emo .*contract.pdf"):
-        _replace_frame_folder(archive, deliveries)
+        replace_frame_folder(archive, deliveries)
     assert (deliveries / "contract.pdf").read_bytes() == b"keep me"
 
     earlier = tmp_path / "earlier"
     earlier.mkdir()
     (earlier / "frame_000001.png").write_bytes(b"old")
     (earlier / "frame_000002.png").write_bytes(b"old")
-    _replace_frame_folder(archive, earlier)  # a folder this command wrote: replaced whole
+    replace_frame_folder(archive, earlier)  # a folder this command wrote: replaced whole
     assert sorted(p.name for p in earlier.iterdir()) == ["frame_000001.png"]
     assert (earlier / "frame_000001.png").read_bytes() == b"new"
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
@@ -153,7 +156,7 @@ def test_an_assembled_video_of_the_wrong_length_fails_the_job(tmp_path: Path) ->
     in) is refused at assembly, never published."""
     from emo import media
     from emo.errors import MediaError
-    from flows.render_track import check_assembled
+    from emo.outputs import check_assembled
     from tests.conftest import write_wav
 
     audio = write_wav(tmp_path / "a.wav", np.zeros(16000, np.float32))  # 1 s: 25 frames

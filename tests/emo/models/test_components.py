@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from emo.bundle import content_hash, load_bundle, read_bundle_info, save_bundle
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.audio import clip_audio, clip_audio_features
 from emo.models.components import EMOComponents, build_components
 from emo.models.conditioning import Conditioning
@@ -98,9 +98,9 @@ def test_edited_bundle_is_refused(tmp_path: Path) -> None:
     data = bytearray(weights.read_bytes())
     data[-1] ^= 1
     weights.write_bytes(bytes(data))
-    with pytest.raises(SettingsError, match="damaged or was edited"):
+    with pytest.raises(InputError, match="damaged or was edited"):
         load_bundle(tmp_path / "a")
-    with pytest.raises(SettingsError, match="not a weights bundle"):
+    with pytest.raises(InputError, match="not a weights bundle"):
         load_bundle(tmp_path)
 
 
@@ -117,7 +117,7 @@ def test_bundles_made_before_a_config_field_existed_still_verify(tmp_path: Path)
     assert info.config == TINY
     document["config"]["steps"] = 50
     document_path.write_text(json.dumps(document))
-    with pytest.raises(SettingsError, match="damaged or was edited"):
+    with pytest.raises(InputError, match="damaged or was edited"):
         load_bundle(tmp_path / "a")
 
 

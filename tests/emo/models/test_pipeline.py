@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from emo import face
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.config import TINY
 from emo.pipeline import EMOPipeline, MotionState, clip_seed, held_states
 
@@ -114,16 +114,16 @@ def test_noise_depends_on_seed_and_clip_only() -> None:
 
 
 def test_bad_calls_are_refused(pipeline: EMOPipeline, portrait, vocal) -> None:
-    with pytest.raises(SettingsError, match="needs the motion state"):
+    with pytest.raises(InputError, match="needs the motion state"):
         pipeline(portrait, vocal, clips=range(2, 3), **RUN)
-    with pytest.raises(SettingsError, match="outside the track"):
+    with pytest.raises(InputError, match="outside the track"):
         pipeline(portrait, vocal, clips=range(0, 99), **RUN)
-    with pytest.raises(SettingsError, match="reference image must be"):
+    with pytest.raises(InputError, match="reference image must be"):
         pipeline(portrait[:32], vocal, clips=range(0, 1), **RUN)
-    with pytest.raises(SettingsError, match="unknown scheduler"):
+    with pytest.raises(InputError, match="unknown scheduler"):
         pipeline(portrait, vocal, clips=range(0, 1), scheduler="nope", **RUN)
     for strength in (0.0, -0.5, 1.5):
-        with pytest.raises(SettingsError, match="continuation strength must be above 0"):
+        with pytest.raises(InputError, match="continuation strength must be above 0"):
             pipeline(portrait, vocal, clips=range(0, 1), continuation_strength=strength, **RUN)
 
 
@@ -151,7 +151,7 @@ def test_residual_models_add_the_reference_back(
 def test_pndm_is_refused_for_sample_prediction(tiny_components, portrait, vocal) -> None:
     config = {**TINY.scheduler, "prediction_type": "sample"}
     pipeline = EMOPipeline(tiny_components, TINY, config)
-    with pytest.raises(SettingsError, match="pndm cannot sample"):
+    with pytest.raises(InputError, match="pndm cannot sample"):
         pipeline(portrait, vocal, clips=range(0, 1), scheduler="pndm", steps=2)
 
 

@@ -10,7 +10,7 @@ import torch
 from diffusers import MotionAdapter, UNet2DConditionModel, UNetMotionModel
 from transformers import Wav2Vec2Model
 
-from emo.errors import SettingsError
+from emo.errors import InputError
 from emo.models.conditioning import Conditioning
 from emo.models.config import TINY
 from emo.weights_init import init_components
@@ -142,7 +142,7 @@ def test_cli_init_and_info(sources: dict[str, Path], tmp_path: Path) -> None:
 
 def test_weights_info_without_a_bundle_names_the_default(tmp_path: Path) -> None:
     """With EMO_WEIGHTS unset, info describes the weights a render would use."""
-    from emo.render import SHIPPED_DEMO
+    from emo.store.weights import SHIPPED_DEMO
 
     result = emo_in_process("weights", "info")
     assert result.returncode == 0, result.stderr
@@ -156,7 +156,7 @@ def test_weights_info_without_a_bundle_names_the_default(tmp_path: Path) -> None
 
 
 def test_bad_sources_give_clear_errors(sources: dict[str, Path], tmp_path: Path) -> None:
-    with pytest.raises(SettingsError, match="--sd15"):
+    with pytest.raises(InputError, match="--sd15"):
         init_components(
             sd15=tmp_path / "nothing",
             animatediff=sources["adapter"],
@@ -166,7 +166,7 @@ def test_bad_sources_give_clear_errors(sources: dict[str, Path], tmp_path: Path)
         )
     junk = tmp_path / "junk.ckpt"
     torch.save({"state_dict": {"foo": torch.zeros(1)}}, junk)
-    with pytest.raises(SettingsError, match="not an AnimateDiff"):
+    with pytest.raises(InputError, match="not an AnimateDiff"):
         init_components(
             sd15=sources["sd15"],
             animatediff=junk,

@@ -12,8 +12,8 @@ from pathlib import Path
 from emo.bundle import read_bundle_info, save_bundle
 from emo.models.components import build_components
 from emo.models.config import TINY
-from emo.render import _last_write, resolve_weights
 from emo.settings import load_settings
+from emo.store.weights import _last_write, resolve_weights
 from tests.services import WeedServer
 
 

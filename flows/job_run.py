@@ -1,0 +1,196 @@
+"""A render's hold on its job: what the job is, and how the render's end is recorded.
+
+``start_job`` makes the job running for this render and returns what the database says the
+job is (``JobRecord``). ``JobOutcome`` wraps the render and records how it ended, fenced by
+the render's lease epoch like every write: cancelled (verified segments kept), stopped
+(SIGTERM, Ctrl-C or a lost lease: requeued with the attempt given back), or failed with the
+reason. A render that lost its lease leaves the job's state to the render that holds it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from types import TracebackType
+from typing import Any
+
+from prefect.client.schemas.objects import StateType
+from prefect.exceptions import TerminationSignal
+from prefect.runtime import flow_run
+
+from db.jobs import begin_run, fail_job, get_job, job_status, stop_job
+from db.models import JobStatus
+from emo.errors import EpochSuperseded
+from flows.context import JobCancelled, JobLease, LeaseHeld
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """What the database says a job is: the render binds every checkpoint to it."""
+
+    job_id: str
+    name: str
+    batch_name: str
+    options: dict[str, Any]
+    image_sha256: str | None  # None: registered before inputs were content-keyed
+    audio_sha256: str | None
+    weights_sha256: str | None  # None: registered before weights were pinned
+
+
+def start_job(lease: JobLease) -> JobRecord:
+    """Make the job running for this render; what the job is. ``JobCancelled`` if it was
+    cancelled before the render began."""
+    with lease.svc.sessions() as session:
+        if job_status(session=session, job_id=lease.job_id) is JobStatus.CANCELLED:
+            raise JobCancelled(f"job {lease.job_id} is cancelled; nothing to render")
+        row = begin_run(session=session, job_id=lease.job_id, actor=lease.owner)
+        return JobRecord(
+            job_id=lease.job_id,
+            name=row.name,
+            batch_name=row.batch.name,
+            options=dict(row.params),
+            image_sha256=row.image_sha256,
+            audio_sha256=row.audio_sha256,
+            weights_sha256=row.weights_sha256,
+        )
+
+
+def check_cancelled(lease: JobLease) -> None:
+    """``JobCancelled`` if the database says the job was cancelled (a fresh read, unlike
+    ``lease.check``, which sees what the last heartbeat saw)."""
+    with lease.svc.sessions() as session:
+        if get_job(session=session, job_id=lease.job_id).status is JobStatus.CANCELLED:
+            raise JobCancelled(f"job {lease.job_id} was cancelled")
+
+
+class JobOutcome:
+    """Context manager around a render: records how it ended, then lets the error go on.
+
+    A cancel is the one end that is not an error: it is swallowed and ``result`` says the job
+    is cancelled. A SIGTERM is noted while the render runs: Prefect turns it into an exception
+    in the main thread, and a C extension running at that moment (safetensors loading weights)
+    may turn that into an error of its own, which would read as a failure of the job's work.
+    A render outside the main thread (tests) has no signals to note."""
+
+    def __init__(self, lease: JobLease) -> None:
+        self.lease = lease
+        self.result: dict[str, Any] = {
+            "job_id": lease.job_id,
+            "status": JobStatus.CANCELLED.value,
+        }
+        self.sigterm = False
+        self._previous: Any = None
+
+    def __enter__(self) -> JobOutcome:
+        try:
+            self._previous = signal.signal(signal.SIGTERM, self._note)
+        except ValueError:  # not the main thread
+            self._previous = None
+        return self
+
+    def _note(self, number: int, frame: Any) -> None:
+        self.sigterm = True
+        if callable(self._previous):
+            self._previous(number, frame)
+        elif self._previous == signal.SIG_DFL:
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    def __exit__(
+        self,
+        kind: type[BaseException] | None,
+        error: BaseException | None,
+        trace: TracebackType | None,
+    ) -> bool:
+        try:
+            if error is None:
+                return False
+            if isinstance(error, JobCancelled):
+                log.warning("%s; verified segments are kept", error)
+                return True
+            if isinstance(error, TerminationSignal | KeyboardInterrupt | LeaseHeld):
+                record_stop(self.lease, error)
+            elif self.sigterm:  # a library turned the signal into its own error
+                record_stop(self.lease, TerminationSignal(signal.SIGTERM))
+            else:
+                record_failure(self.lease, error)
+            return False
+        finally:
+            if self._previous is not None:
+                signal.signal(signal.SIGTERM, self._previous)
+
+
+def record_stop(lease: JobLease, stop: BaseException) -> None:
+    """The render was told to stop (SIGTERM: a cancel from Prefect, a drain, an eviction, a
+    spot reclaim; Ctrl-C), or lost its lease (it could not renew it while the database was
+    unreachable). A cancel makes the job cancelled; anything else requeues it with its attempt
+    given back, since its own work did not fail. Nothing happens to a job that is not running
+    (a stop before it started)."""
+    cancel = isinstance(stop, TerminationSignal) and cancel_requested()
+    if isinstance(stop, LeaseHeld):
+        what = f"losing its lease ({stop})"
+    elif isinstance(stop, TerminationSignal):
+        what = "SIGTERM"
+    else:
+        what = "an interrupt (Ctrl-C)"
+    to = JobStatus.CANCELLED if cancel else JobStatus.QUEUED
+    reason = (
+        "cancelled in Prefect; verified segments are kept"
+        if cancel
+        else f"stopped by {what} before finishing; requeued (the attempt is given back)"
+    )
+    change = partial(
+        stop_job, job_id=lease.job_id, epoch=lease.epoch, to=to, actor=lease.owner, reason=reason
+    )
+    if _record_end(lease, "the stop", change):
+        log.warning("job %s: %s", lease.job_id, reason)
+
+
+def cancel_requested() -> bool:
+    """Whether the SIGTERM is Prefect cancelling this run (the UI's Cancel, on the run or on
+    its batch), rather than the machine going away: the runner says so directly (a process
+    worker), otherwise the run's state does (CANCELLING, set before a worker kills the pod)."""
+    from prefect._internal import control_listener
+    from prefect.client.orchestration import get_client
+
+    if control_listener.get_intent() == "cancel":
+        return True
+    if flow_run.id is None:
+        return False
+    try:
+        with get_client(sync_client=True) as client:
+            state = client.read_flow_run(flow_run.id).state
+    except Exception:  # noqa: BLE001 (Prefect unreachable: not a cancel we can see)
+        return False
+    return state is not None and state.type in (StateType.CANCELLING, StateType.CANCELLED)
+
+
+def record_failure(lease: JobLease, error: BaseException) -> None:
+    """Record the failure with its reason, fenced by this render's epoch."""
+    reason = (str(error) or type(error).__name__)[:2000]
+    change = partial(
+        fail_job, job_id=lease.job_id, epoch=lease.epoch, actor=lease.owner, reason=reason
+    )
+    _record_end(lease, "its failure", change)
+
+
+def _record_end(lease: JobLease, what: str, change: Callable[..., object]) -> bool:
+    """Apply ``change(session=...)``, fenced by the render's epoch; False if it was not
+    recorded: a render that lost its lease leaves the job's state to the render that holds
+    it, and a job left running while the database is unreachable is found by the sweep."""
+    job_id = lease.job_id
+    try:
+        with lease.svc.sessions() as session:
+            change(session=session)
+        return True
+    except EpochSuperseded:
+        log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
+    except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)
+        log.error("job %s: cannot record %s (%s); the sweep will find it", job_id, what, failure)
+    return False
