@@ -54,7 +54,10 @@ class StoreAuthError(StoreError):
 
 
 class TrainingDiverged(EmoError):
-    """Training's loss stopped being a number; the message names the step and what to change."""
+    """Training's loss stopped being a number; the message names the step and what to change
+    in the recipe (the user's to fix, like any input)."""
+
+    exit_code = 2
 
 
 class JobStateError(EmoError):

@@ -79,12 +79,12 @@ class SegmentLedger:
 
     @classmethod
     def open(cls, lease: JobLease, job: JobRecord, setup: JobSetup) -> SegmentLedger:
-        recorded = in_place(lambda: _recorded(lease), lease=lease, what="reading segments")
         progress_id = create_progress_artifact(
             progress=0.0,
             key=f"job-{job.job_id[:12]}-progress",
             description=f"{job.batch_name}/{job.name}: segments done",
         )
+        recorded = in_place(lambda: _recorded(lease), lease=lease, what="reading segments")
         return cls(lease, job, setup, recorded, progress_id)
 
     @property

@@ -24,13 +24,14 @@ Speed = float | Sequence[float] | Sequence[Sequence[float]] | np.ndarray
 
 def speed_schedule(speed: Speed, frames: int, fps: int) -> np.ndarray:
     """Head speed per frame, (frames,) float32, from one level, a per-frame array (padded with
-    its last value), or (seconds, level) points (linear between, held beyond the ends)."""
-    values = np.asarray(speed, dtype=np.float32)
-    if values.ndim == 2:  # (seconds, level) points, as a manifest gives them
-        order = np.lexsort((values[:, 1], values[:, 0]))
+    its last value), or (seconds, level) points, an (n, 2) table (linear between, held beyond
+    the ends; interpolated in float64, as a manifest's points always were)."""
+    table = np.asarray(speed, dtype=np.float64)
+    if table.ndim == 2 and table.shape[1] == 2:  # (seconds, level) points
+        order = np.lexsort((table[:, 1], table[:, 0]))
         times = np.arange(frames) / fps
-        return np.interp(times, values[order, 0], values[order, 1]).astype(np.float32)
-    values = np.atleast_1d(values)
+        return np.interp(times, table[order, 0], table[order, 1]).astype(np.float32)
+    values = np.array(speed, dtype=np.float32).ravel()  # a copy: the caller's array is theirs
     if values.size < frames:
         values = np.concatenate([values, np.full(frames - values.size, values[-1], np.float32)])
     return values[:frames]

@@ -24,3 +24,15 @@ def test_points_are_seconds_and_levels_linear_between_held_beyond() -> None:
     assert out.tolist() == pytest.approx([0.0, 0.0, 0.0, 0.5])
     late = speed_schedule([[0.0, 0.2], [1.0, 0.6]], 5, fps=2)  # 2 s: held at the last level
     assert late.tolist() == pytest.approx([0.2, 0.4, 0.6, 0.6, 0.6])
+
+
+def test_points_interpolate_like_the_manifest_always_did() -> None:
+    """Bit for bit the float64 interpolation renders were made with (a resumed job's earlier
+    segments used it), and a per-frame array is copied, not shared."""
+    points = [[0.0, 0.01], [30.0, 0.05]]
+    times = np.arange(2000) / 25
+    before = np.interp(times, [0.0, 30.0], [0.01, 0.05]).astype(np.float32)
+    assert np.array_equal(speed_schedule(points, 2000, fps=25), before)
+    mine = np.full(4, 0.1, np.float32)
+    speed_schedule(mine, 4, fps=25)[0] = 9.0
+    assert mine[0] == np.float32(0.1)
