@@ -26,7 +26,7 @@ import re
 import unicodedata
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -265,10 +265,12 @@ def parse_manifest(data: bytes, *, source: str, kind: str | None = None) -> tupl
 def read_manifest_source(source: str, settings: Settings) -> tuple[bytes, str]:
     """Manifest bytes from a path, file:// or s3:// URI; and the base for relative inputs.
     The manifest itself must come from where inputs may (EMO_INPUT_ROOTS, EMO_INPUT_BUCKETS)."""
-    problem = input_problem(source, settings=settings, inbox=False)
+    parsed = urlparse(source)
+    local = Path(unquote(parsed.path) if parsed.scheme == "file" else source)
+    resolved = None if parsed.scheme == "s3" else str(local.absolute())  # a relative path too
+    problem = input_problem(source, settings=settings, inbox=False, resolved=resolved)
     if problem is not None:
         raise ManifestError(source, [f"the manifest {problem}"])
-    parsed = urlparse(source)
     if parsed.scheme == "s3":
         from emo.store import open_store
 
@@ -281,7 +283,7 @@ def read_manifest_source(source: str, settings: Settings) -> tuple[bytes, str]:
         if size > MAX_MANIFEST_BYTES:  # refused before it is downloaded
             raise ManifestError(source, [manifest_too_big(size)])
         return store.get_bytes(key), source.rsplit("/", 1)[0]
-    path = Path(parsed.path if parsed.scheme == "file" else source)
+    path = local
     if not path.is_file():
         raise ManifestError(source, ["file does not exist"])
     if path.stat().st_size > MAX_MANIFEST_BYTES:  # refused before it is read into memory

@@ -128,3 +128,27 @@ def test_speed_levels_and_points_from_yaml_and_csv_are_kept() -> None:
 def test_unknown_format() -> None:
     with pytest.raises(ManifestError, match=".yaml, .json or .csv"):
         parse_manifest(b"x", source="m.txt")
+
+
+def test_the_manifest_itself_is_confined_wherever_it_is_named_from(
+    tmp_path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A relative manifest path is judged where it resolves (the working folder), like an
+    absolute one; a file:// URL is decoded as input URLs are."""
+    from emo.manifest import read_manifest_source
+    from emo.settings import load_settings
+
+    allowed, elsewhere = tmp_path / "inbox", tmp_path / "home"
+    allowed.mkdir()
+    elsewhere.mkdir()
+    (elsewhere / "batch.yaml").write_text("name: x\njobs: []\n")
+    (allowed / "my batch.yaml").write_text("name: y\njobs: []\n")
+    monkeypatch.setenv("EMO_INPUT_ROOTS", str(allowed))
+    monkeypatch.chdir(elsewhere)
+    settings = load_settings()
+    with pytest.raises(ManifestError, match="resolves to a place inputs may not come from"):
+        read_manifest_source("batch.yaml", settings)
+    with pytest.raises(ManifestError, match="EMO_INPUT_ROOTS"):
+        read_manifest_source(str(elsewhere / "batch.yaml"), settings)
+    data, base = read_manifest_source(f"file://{allowed}/my%20batch.yaml", settings)
+    assert data == b"name: y\njobs: []\n" and base == str(allowed)
