@@ -19,6 +19,7 @@ import contextlib
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 from dataclasses import dataclass
@@ -31,7 +32,7 @@ import ffmpeg
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from emo.errors import MediaError
+from emo.errors import EmoError, MediaError
 from emo.files import temp_beside
 from emo.settings import get_settings
 
@@ -213,7 +214,14 @@ def _decode_audio(
 
 
 def _check_decode(path: Path, returncode: int, stderr: str) -> None:
-    """A failed decode as one ``MediaError`` naming the file."""
+    """A failed decode as one ``MediaError`` naming the file; ffmpeg killed by a signal (the
+    machine's out-of-memory killer, a stop) says nothing of the file, so it is not one."""
+    if returncode < 0:
+        name = signal.Signals(-returncode).name if -returncode in signal.valid_signals() else ""
+        raise EmoError(
+            f"ffmpeg was stopped by signal {-returncode} {name} while decoding {str(path)!r}; "
+            "the file was not judged: try again (out of memory ends ffmpeg with SIGKILL)"
+        )
     if returncode != 0:
         if "matches no streams" in stderr:
             raise MediaError(f"audio file {str(path)!r} has no audio stream")

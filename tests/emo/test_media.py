@@ -363,3 +363,26 @@ def test_an_ffmpeg_that_cannot_start_is_named(
     finally:
         monkeypatch.delenv("EMO_FFMPEG")
         get_settings.cache_clear()
+
+
+def test_an_ffmpeg_killed_by_a_signal_is_not_called_bad_input(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """ffmpeg ended by SIGKILL (the out-of-memory killer) says nothing about the file: the
+    error names the signal, and is not a MediaError (which would fail the job as bad input)."""
+    from emo.errors import EmoError
+    from emo.settings import get_settings
+
+    killed = tmp_path / "ffmpeg"
+    killed.write_text("#!/bin/sh\nkill -9 $$\n")
+    killed.chmod(0o755)
+    track = write_wav(tmp_path / "a.wav", tone(1.0))
+    monkeypatch.setenv("EMO_FFMPEG", str(killed))
+    get_settings.cache_clear()
+    try:
+        with pytest.raises(EmoError, match="stopped by signal 9 SIGKILL while decoding") as caught:
+            media.load_audio(track, 16000)
+        assert not isinstance(caught.value, MediaError) and caught.value.exit_code == 1
+    finally:
+        monkeypatch.delenv("EMO_FFMPEG")
+        get_settings.cache_clear()
