@@ -282,7 +282,10 @@ def read_manifest_source(source: str, settings: Settings) -> tuple[bytes, str]:
             raise ManifestError(source, ["object does not exist"]) from None
         if size > MAX_MANIFEST_BYTES:  # refused before it is downloaded
             raise ManifestError(source, [manifest_too_big(size)])
-        return store.get_bytes(key), source.rsplit("/", 1)[0]
+        data = store.get_bytes(key, limit=MAX_MANIFEST_BYTES + 1)  # it may grow after stat
+        if len(data) > MAX_MANIFEST_BYTES:  # it grew after stat: still never read whole
+            raise ManifestError(source, [manifest_too_big(store.stat(key).size)])
+        return data, source.rsplit("/", 1)[0]
     path = local
     if not path.is_file():
         raise ManifestError(source, ["file does not exist"])

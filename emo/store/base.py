@@ -81,8 +81,9 @@ class ObjectStore(ABC):
         """Download ``key`` to ``path`` (written atomically); raises ``ObjectNotFound``."""
 
     @abstractmethod
-    def get_bytes(self, key: str) -> bytes:
-        """The content of ``key``; raises ``ObjectNotFound``."""
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        """The content of ``key`` (at most ``limit`` bytes of it, read no further: a caller
+        that must refuse big objects reads ``limit + 1``); raises ``ObjectNotFound``."""
 
     @abstractmethod
     def stat(self, key: str) -> ObjectInfo:

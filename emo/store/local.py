@@ -82,9 +82,10 @@ class LocalStore(ObjectStore):
         atomic_copy(source, Path(path))
         return Path(path)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with self._path(key).open("rb") as handle:
+                return handle.read(-1 if limit is None else limit)
         except (FileNotFoundError, IsADirectoryError):
             raise ObjectNotFound(f"no object {self.uri(key)}") from None
 

@@ -204,8 +204,8 @@ class S3Store(ObjectStore):
             partial.unlink(missing_ok=True)
         return path
 
-    def get_bytes(self, key: str) -> bytes:
-        return self._read(key, lambda response: response.read())
+    def get_bytes(self, key: str, limit: int | None = None) -> bytes:
+        return self._read(key, lambda response: response.read(limit))
 
     def stat(self, key: str) -> ObjectInfo:
         name = self._name(key)

@@ -172,3 +172,11 @@ def test_outputs_get_normal_permissions(tmp_path: Path) -> None:
     for name in ("sidecar.json", "video.mp4"):
         assert (tmp_path / name).stat().st_mode & 0o777 == FILE_MODE
     assert FILE_MODE & 0o044  # group/other may read under the usual umask (022)
+
+
+def test_get_bytes_reads_no_further_than_its_limit(store: ObjectStore) -> None:
+    """A caller that must refuse big objects (a manifest) never holds more than it allows,
+    even when the object grew after it was sized."""
+    store.put_bytes("big", b"x" * 1000)
+    assert store.get_bytes("big", limit=11) == b"x" * 11
+    assert store.get_bytes("big") == b"x" * 1000
