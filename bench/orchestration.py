@@ -36,7 +36,7 @@ class Timeline:
     def step(self, clip: int, step: int, steps: int, total_clips: int) -> None:
         pass
 
-    def segment(self, index: int, total: int) -> None:
+    def segment(self, index: int, total: int, clips: range, total_clips: int) -> None:
         self.marks.append(time.perf_counter())
 
     def waiting(self, message: str) -> None:

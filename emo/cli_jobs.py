@@ -51,7 +51,7 @@ class ClipProgress:
             transient=False,
         )
         self.task = self.bar.add_task("preparing", total=1)
-        self.done_steps: dict[int, int] = {}
+        self.done: dict[int, float] = {}  # clip -> fraction of its denoising steps done
 
     def _show(self) -> None:
         """Start drawing at the first news from a render, so a command that fails or only
@@ -61,14 +61,19 @@ class ClipProgress:
 
     def step(self, clip: int, step: int, steps: int, total_clips: int) -> None:
         self._show()
-        self.done_steps[clip] = step
-        self.bar.update(
-            self.task, total=total_clips, completed=sum(s / steps for s in self.done_steps.values())
-        )
+        self.done[clip] = step / steps
+        self.bar.update(self.task, total=total_clips, completed=sum(self.done.values()))
 
-    def segment(self, index: int, total: int) -> None:
+    def segment(self, index: int, total: int, clips: range, total_clips: int) -> None:
+        """A segment is verified: its clips are done, whether rendered now or resumed."""
         self._show()
-        self.bar.update(self.task, description=f"segment {index + 1}/{total}")
+        self.done.update(dict.fromkeys(clips, 1.0))
+        self.bar.update(
+            self.task,
+            description=f"segment {index + 1}/{total}",
+            total=total_clips,
+            completed=sum(self.done.values()),
+        )
 
     def waiting(self, message: str) -> None:
         self._show()

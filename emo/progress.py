@@ -12,7 +12,7 @@ from typing import Protocol
 
 class Listener(Protocol):
     def step(self, clip: int, step: int, steps: int, total_clips: int) -> None: ...
-    def segment(self, index: int, total: int) -> None: ...
+    def segment(self, index: int, total: int, clips: range, total_clips: int) -> None: ...
     def waiting(self, message: str) -> None: ...
 
 
@@ -33,9 +33,11 @@ def reporter(total_clips: int) -> Callable[[int, int, int], None] | None:
     return lambda clip, step, steps: listener.step(clip, step, steps, total_clips)
 
 
-def segment_done(index: int, total: int) -> None:
+def segment_done(index: int, total: int, clips: range, total_clips: int) -> None:
+    """Segment ``index`` of ``total`` is verified (rendered now, or reused from a checkpoint):
+    its ``clips`` of the track's ``total_clips`` are done."""
     if _listener is not None:
-        _listener.segment(index, total)
+        _listener.segment(index, total, clips, total_clips)
 
 
 def waiting(message: str) -> None:

@@ -162,7 +162,9 @@ class SegmentLedger:
     def add(self, checkpoint: SegmentCheckpoint) -> None:
         self.checkpoints.append(checkpoint)
         done, total = len(self.checkpoints), len(self.setup.plan.segments)
-        progress.segment_done(checkpoint.index, total)
+        segment = self.setup.plan.segments[checkpoint.index]
+        clips = range(segment.clip_start, segment.clip_start + segment.clip_count)
+        progress.segment_done(checkpoint.index, total, clips, self.setup.plan.total_clips)
         update_progress_artifact(self.progress_id, progress=100.0 * done / total)
 
 
