@@ -542,6 +542,9 @@ def _cancel_run(run_id: str) -> None:
 
 def demo(
     output: Annotated[Path, typer.Option("-o", "--output")] = Path("out/demo.mp4"),
+    steps: Annotated[
+        int | None, typer.Option(help="denoising steps; default the model's (fewer: a quick look)")
+    ] = None,
 ) -> None:
     """Render the sample portrait (a held-out synthetic person) and vocal track (speech, then
     a sung phrase) with the bundled weights."""
@@ -551,7 +554,7 @@ def demo(
         audio=ASSETS / "demo_vocal.wav",
         output=output,
         seed=0,
-        steps=None,
+        steps=steps,
         guidance=None,
         speed=None,
         segment_seconds=4.0,

@@ -44,8 +44,8 @@ def _wait_for(condition, seconds: float, what: str, process: subprocess.Popen) -
 
 
 @pytest.fixture
-def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
-    """`emo serve` on a free port; yields (API URL, EMO_HOME)."""
+def served(tmp_path: Path) -> Iterator[tuple[str, Path, subprocess.Popen]]:
+    """`emo serve` on a free port; yields (API URL, EMO_HOME, the process)."""
     home, port = tmp_path / "home", free_port()
     api = f"http://127.0.0.1:{port}/api"
     log = (tmp_path / "serve.log").open("w")
@@ -70,14 +70,15 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
 
     try:
         _wait_for(deployed, 180, "the three deployments", process)
-        yield api, home
+        yield api, home, process
     finally:
-        os.killpg(process.pid, signal.SIGINT)
-        try:
-            process.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait()
+        if process.poll() is None:
+            process.send_signal(signal.SIGINT)
+            try:
+                process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
         log.close()
 
 
@@ -90,9 +91,9 @@ def _deployments(api: str) -> list[dict]:
 
 
 def test_batch_renders_through_the_served_deployment(
-    served: tuple[str, Path], tmp_path: Path
+    served: tuple[str, Path, subprocess.Popen], tmp_path: Path
 ) -> None:
-    api, home = served
+    api, home, process = served
     vocal = write_wav(tmp_path / "vocal.wav", tone(1.5))
     manifest = tmp_path / "served.yaml"
     manifest.write_text(
@@ -128,3 +129,11 @@ def test_batch_renders_through_the_served_deployment(
     ).json()
     assert [run["state_type"] for run in runs] == ["COMPLETED"]
     assert "batch:served" in runs[0]["tags"]
+
+    # Ctrl-C (SIGINT to the terminal's process group) stops emo serve and its server promptly.
+    asked = time.monotonic()
+    os.killpg(process.pid, signal.SIGINT)
+    process.wait(timeout=30)
+    assert time.monotonic() - asked < 20, f"emo serve took {time.monotonic() - asked:.0f} s"
+    with pytest.raises(httpx.HTTPError):
+        httpx.get(f"{api}/health", timeout=2)
