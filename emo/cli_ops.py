@@ -6,7 +6,6 @@ operations commands, for whoever runs the render farm (the studio's commands are
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -195,9 +194,6 @@ def serve(
     import httpx
 
     api = f"http://127.0.0.1:{port}/api"
-    # The server gets a session of its own: Ctrl-C reaches this process only, whose runner
-    # shuts down through the API (pausing its schedules), before the server is stopped last.
-    # Had the server taken the Ctrl-C too, the runner would retry a dead API for minutes.
     server = subprocess.Popen(
         [
             sys.executable,
@@ -211,8 +207,6 @@ def serve(
             str(port),
         ],
         env={**os.environ, "PREFECT_API_URL": api},
-        start_new_session=True,
-        preexec_fn=_die_with_parent if sys.platform == "linux" else None,
     )
     try:
         for _ in range(120):
@@ -239,19 +233,7 @@ def serve(
         )
     finally:
         server.terminate()
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            server.kill()
-            server.wait()
-
-
-def _die_with_parent() -> None:
-    """In the server's process, before exec: SIGTERM it if ``emo serve`` dies (even by
-    SIGKILL), since Ctrl-C to the terminal no longer reaches it directly."""
-    import ctypes
-
-    ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+        server.wait(timeout=30)
 
 
 def deploy(
