@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 
+from prefect.exceptions import TerminationSignal
 from sqlalchemy.orm import Session, sessionmaker
 
 from db.engine import make_engine, session_factory
@@ -124,6 +125,7 @@ class JobLease:
         self.epoch = 0  # the job's lease epoch this render acquired: its fencing token
         self._renewed = time.monotonic()  # when the lease last surely ran for another ttl
         self._heartbeat: Heartbeat | None = None
+        self.stop_signal: int | None = None  # a SIGTERM noted by JobOutcome: stop at next check
 
     def __enter__(self) -> JobLease:
         ttl = self.svc.settings.lease_seconds
@@ -184,13 +186,20 @@ class JobLease:
         return True
 
     def check(self) -> None:
-        """Raise ``JobCancelled`` if the heartbeat saw the job cancelled; raise ``LeaseHeld`` if
-        the lease was lost (another render took the job over), or has surely
-        expired because no heartbeat got through for its whole time to live (the database
-        was unreachable): another render may take the job and its GPU slot from then on.
+        """Raise ``TerminationSignal`` if the render was sent a SIGTERM; raise ``JobCancelled``
+        if the heartbeat saw the job cancelled; raise ``LeaseHeld`` if the lease was lost
+        (another render took the job over), or has surely expired because no heartbeat got
+        through for its whole time to live (the database was unreachable): another render may
+        take the job and its GPU slot from then on.
+
+        The SIGTERM is raised again here because the exception its handler raised can be lost:
+        Python swallows an exception raised in a finalizer or weakref callback ("Exception
+        ignored in ..."), and a signal handled while one runs raises it there.
 
         Cheap (no database round trip): the render calls it at every denoising step.
         """
+        if self.stop_signal is not None:
+            raise TerminationSignal(signal=self.stop_signal)
         if self.lost.is_set():
             raise LeaseHeld(self.lost_reason)
         if self.cancelled.is_set():

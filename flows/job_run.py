@@ -75,8 +75,9 @@ class JobOutcome:
     A cancel is the one end that is not an error: it is swallowed and ``result`` says the job
     is cancelled. A SIGTERM is noted while the render runs: Prefect turns it into an exception
     in the main thread, and a C extension running at that moment (safetensors loading weights)
-    may turn that into an error of its own, which would read as a failure of the job's work.
-    A render outside the main thread (tests) has no signals to note."""
+    may turn that into an error of its own, which would read as a failure of the job's work,
+    and one that arrives while a finalizer runs is swallowed there (the lease's next check
+    raises it again). A render outside the main thread (tests) has no signals to note."""
 
     def __init__(self, lease: JobLease) -> None:
         self.lease = lease
@@ -96,6 +97,7 @@ class JobOutcome:
 
     def _note(self, number: int, frame: Any) -> None:
         self.sigterm = True
+        self.lease.stop_signal = number  # the lease's next check raises it again if it is lost
         if callable(self._previous):
             self._previous(number, frame)
         elif self._previous == signal.SIG_DFL:

@@ -6,6 +6,7 @@ PostgreSQL server, the real S3 server stopped."""
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -121,6 +122,48 @@ def test_a_cancel_from_prefect_cancels_the_job_for_good(
     assert any("cancelled in Prefect" in r for r in reasons) and not leased
     assert sweep(retry_failed=True)["retried"] == {}  # nightly never renders it again
     assert _job(studio, job_id)[0].status is JobStatus.CANCELLED
+
+
+class _SignalledFinalizer:
+    """An object whose finalizer is running when the SIGTERM arrives, as a weakref callback of
+    SQLAlchemy's was in a CI run: Python runs the handler inside the finalizer and swallows
+    the exception it raises ("Exception ignored in ...")."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+        for _ in range(10_000):  # the handler runs between these bytecodes, in here
+            pass
+
+
+def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_render(
+    studio: Studio, prefect_server: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Prefect's SIGTERM handler raises an exception; one raised inside a finalizer is lost,
+    and the render went on to deliver a job its worker had cancelled. The render's lease keeps
+    the signal, and its next check (every denoising step, every upload) raises it again."""
+    from prefect.exceptions import TerminationSignal
+    from prefect.utilities.engine import capture_sigterm
+
+    from flows.context import JobLease, services
+    from flows.job_run import JobOutcome, start_job
+
+    path = manifest(tmp_path / "gc.yaml", studio, ["gc"], segment_seconds=10)
+    job_id = submit_batch(manifest=str(path), render=False)["jobs"]["gc"]
+    swallowed: list[BaseException | None] = []
+    monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
+    with (
+        capture_sigterm(),  # Prefect's own handler, as in a flow run
+        pytest.raises(TerminationSignal),
+        JobLease(services(), job_id) as lease,
+        JobOutcome(lease),
+    ):
+        start_job(lease)
+        _SignalledFinalizer()  # dropped at once: the finalizer runs and the signal with it
+        assert [type(e) for e in swallowed] == [TerminationSignal]  # lost in there
+        lease.check()  # what the render does at its next denoising step
+    job, reasons, leased = _job(studio, job_id)
+    assert (job.status, job.attempt) == (JobStatus.QUEUED, 0), reasons
+    assert any("stopped by SIGTERM" in r for r in reasons) and not leased
 
 
 def _database_outage(url: str, seconds: float) -> int:
