@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from datetime import datetime
 from types import TracebackType
 
+from prefect._internal import control_listener
 from prefect.exceptions import TerminationSignal
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -194,12 +196,14 @@ class JobLease:
 
         The SIGTERM is raised again here because the exception its handler raised can be lost:
         Python swallows an exception raised in a finalizer or weakref callback ("Exception
-        ignored in ..."), and a signal handled while one runs raises it there.
+        ignored in ..."), and a signal handled while one runs raises it there. A process
+        worker's cancel says so before it sends the signal (the runner's intent), which also
+        covers a signal lost before ``JobOutcome`` began to note it.
 
         Cheap (no database round trip): the render calls it at every denoising step.
         """
-        if self.stop_signal is not None:
-            raise TerminationSignal(signal=self.stop_signal)
+        if self.stop_signal is not None or control_listener.get_intent() == "cancel":
+            raise TerminationSignal(signal=self.stop_signal or signal.SIGTERM)
         if self.lost.is_set():
             raise LeaseHeld(self.lost_reason)
         if self.cancelled.is_set():

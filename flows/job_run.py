@@ -112,6 +112,8 @@ class JobOutcome:
     ) -> bool:
         try:
             if error is None:
+                if self.sigterm:  # it came while the job's success was being committed
+                    log.warning("job %s: a SIGTERM came once it was finished", self.lease.job_id)
                 return False
             if isinstance(error, JobCancelled):
                 log.warning("%s; verified segments are kept", error)
@@ -184,13 +186,13 @@ def record_failure(lease: JobLease, error: BaseException) -> None:
 
 def _record_end(lease: JobLease, what: str, change: Callable[..., object]) -> bool:
     """Apply ``change(session=...)``, fenced by the render's epoch; False if it was not
-    recorded: a render that lost its lease leaves the job's state to the render that holds
-    it, and a job left running while the database is unreachable is found by the sweep."""
+    recorded (or the change said it had nothing to do, as a stop of a job no longer running
+    does): a render that lost its lease leaves the job's state to the render that holds it,
+    and a job left running while the database is unreachable is found by the sweep."""
     job_id = lease.job_id
     try:
         with lease.svc.sessions() as session:
-            change(session=session)
-        return True
+            return change(session=session) is not False
     except EpochSuperseded:
         log.error("job %s: lease lost; leaving its state to the render that holds it", job_id)
     except Exception as failure:  # noqa: BLE001 (unreachable: the sweep finds the job later)

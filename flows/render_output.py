@@ -41,6 +41,7 @@ class FinalVideo:
 def assemble(lease: JobLease, done: RenderedJob) -> FinalVideo:
     """Concatenate the segments (stream copy), mux the track, check the result, export, and
     upload it under this render's epoch (unpublished until the job's fenced commit)."""
+    lease.check()  # each step after the segments starts by checking: stopped, cancelled, lost
     store, scratch = lease.svc.store, done.inputs.scratch
     videos = [
         in_place(
@@ -67,6 +68,7 @@ def assemble(lease: JobLease, done: RenderedJob) -> FinalVideo:
 @task(name="qc", cache_policy=NO_CACHE)
 def quality(lease: JobLease, done: RenderedJob) -> dict[str, Any]:
     """QC scores and warnings of the final video (always read from the assembled mp4)."""
+    lease.check()
     settings, plan = lease.svc.settings, done.plan
     boundaries = {c * plan.clip_frames for c in range(1, plan.total_clips)}
     boundaries |= {s.frame_start for s in plan.segments[1:]}
@@ -86,6 +88,7 @@ def quality(lease: JobLease, done: RenderedJob) -> dict[str, Any]:
 @task(name="write reports", cache_policy=NO_CACHE)
 def write_reports(lease: JobLease, qc: dict[str, Any], sidecar: dict[str, Any]) -> None:
     """The QC report and the sidecar, beside the video under this render's epoch."""
+    lease.check()
     prefix = output_prefix(lease.job_id, lease.epoch)
     reports = {
         f"{prefix}qc.json": json.dumps(qc, indent=2).encode(),
@@ -102,6 +105,7 @@ def finish(lease: JobLease, final: FinalVideo, qc: dict[str, Any], rendered: int
     in_place(lease.verify, lease=lease, what="checking the lease")
 
     def commit() -> None:
+        lease.check()  # a SIGTERM swallowed while verify read the database stops it here
         with lease.svc.sessions() as session:
             try:
                 finish_job(

@@ -153,14 +153,15 @@ def test_a_sigterm_swallowed_by_a_finalizer_still_stops_the_render(
     monkeypatch.setattr(sys, "unraisablehook", lambda u: swallowed.append(u.exc_value))
     with (
         capture_sigterm(),  # Prefect's own handler, as in a flow run
-        pytest.raises(TerminationSignal),
+        pytest.raises(TerminationSignal) as stopped,
         JobLease(services(), job_id) as lease,
         JobOutcome(lease),
     ):
         start_job(lease)
         _SignalledFinalizer()  # dropped at once: the finalizer runs and the signal with it
-        assert [type(e) for e in swallowed] == [TerminationSignal]  # lost in there
         lease.check()  # what the render does at its next denoising step
+    assert [type(e) for e in swallowed] == [TerminationSignal]  # lost in the finalizer
+    assert stopped.traceback[-1].name == "check"  # and raised again by the lease
     job, reasons, leased = _job(studio, job_id)
     assert (job.status, job.attempt) == (JobStatus.QUEUED, 0), reasons
     assert any("stopped by SIGTERM" in r for r in reasons) and not leased
