@@ -111,9 +111,20 @@ def face_region(
     )
 
 
-# Where the mouth moves inside a face region (the face box grown FACE_EXPAND times, as renders
-# pass it to the model): x0, y0, x1, y1 as fractions of the region.
+# Where the mouth and jaw move inside a face region (the face box grown FACE_EXPAND times, as
+# renders, QC and the training's face locator hold it): x0, y0, x1, y1 as fractions of the
+# region. The one definition of the mouth: continuation frees it, QC watches it move, and the
+# training loss weighs it.
 MOUTH_OF_REGION = (0.3, 0.55, 0.7, 0.85)
+
+
+def mouth_box(region: Box) -> Box:
+    """The mouth's box, in the frame's fractions, inside a face region (also element-wise on
+    tensors of the four edges)."""
+    x0, y0, x1, y1 = region
+    width, height = x1 - x0, y1 - y0
+    left, top, right, bottom = MOUTH_OF_REGION
+    return (x0 + left * width, y0 + top * height, x0 + right * width, y0 + bottom * height)
 
 
 def mouth_mask(region: np.ndarray, size: int) -> np.ndarray:
@@ -128,15 +139,13 @@ def mouth_mask(region: np.ndarray, size: int) -> np.ndarray:
         rows, cols = np.array([0, height - 1]), np.array([0, width - 1])
     top, bottom = rows.min() / height, (rows.max() + 1) / height
     left, right = cols.min() / width, (cols.max() + 1) / width
-    x0, y0, x1, y1 = MOUTH_OF_REGION
+    x0, y0, x1, y1 = mouth_box((left, top, right, bottom))
 
     def cells(start: float, end: float) -> slice:  # fractions of the frame -> touched cells
         return slice(int(np.floor(start * size)), int(np.ceil(end * size)))
 
     mask = np.zeros((size, size), dtype=np.float32)
-    in_rows = cells(top + y0 * (bottom - top), top + y1 * (bottom - top))
-    in_cols = cells(left + x0 * (right - left), left + x1 * (right - left))
-    mask[in_rows, in_cols] = 1.0
+    mask[cells(y0, y1), cells(x0, x1)] = 1.0
     return mask
 
 

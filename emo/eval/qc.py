@@ -4,7 +4,7 @@
   the mean inside clips (1.0 = boundaries as smooth as the rest).
 - Identity: cosine similarity of each frame's face region (grey, 32x32, zero-mean) to the
   reference portrait's; mean, minimum, and drift (last tenth minus first tenth).
-- Sync: correlation between mouth-region motion (lower part of the face box, frame to frame)
+- Sync: correlation between mouth-region motion (``emo.face.mouth_box``, frame to frame)
   and the change of the audio envelope (RMS per frame), at the best lag within +-5 frames.
 
 
@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from emo.face import mouth_box
 from emo.media import iter_frames
 
 Box = tuple[float, float, float, float]
@@ -39,12 +40,6 @@ def _crop(frame: np.ndarray, box: Box, size: int = 32) -> np.ndarray:
 def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     denominator = float(np.linalg.norm(a) * np.linalg.norm(b))
     return float((a * b).sum() / denominator) if denominator > 0 else 0.0
-
-
-def mouth_box(face: Box) -> Box:
-    """The lower 40% of the face box, where the mouth moves."""
-    x0, y0, x1, y1 = face
-    return (x0 + 0.15 * (x1 - x0), y0 + 0.6 * (y1 - y0), x1 - 0.15 * (x1 - x0), y1)
 
 
 def seam_jitter(differences: np.ndarray, boundaries: set[int]) -> float | None:

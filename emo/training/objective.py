@@ -5,8 +5,8 @@
 - Min-SNR-gamma weighting (Hang et al., 2023) balances timesteps; for sample prediction the
   weight is min(SNR, gamma) floored at 1, so the noisy steps where the audio decides the mouth
   still count (see docs/training.md).
-- A mouth weight multiplies the loss inside the mouth region (the lower middle of the face
-  box), where lip sync lives and which is a small part of the frame.
+- A mouth weight multiplies the loss inside the mouth region (``emo.face.mouth_box`` of the
+  face region), where lip sync lives and which is a small part of the frame.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from diffusers import DDPMScheduler
 
-MOUTH_REGION = (0.25, 0.6, 0.75, 0.95)  # of the face box: x0, y0, x1, y1
+from emo.face import FACE_EXPAND, mouth_box
 
 
 def snr(scheduler: DDPMScheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -56,11 +56,11 @@ def timestep_weights(
 
 
 def mouth_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
-    """(B, F, 4) face boxes (fractions) -> (B, F, size, size) 1 inside each mouth region."""
-    x0, y0, x1, y1 = boxes.unbind(-1)
-    width, height = x1 - x0, y1 - y0
-    left, top = x0 + MOUTH_REGION[0] * width, y0 + MOUTH_REGION[1] * height
-    right, bottom = x0 + MOUTH_REGION[2] * width, y0 + MOUTH_REGION[3] * height
+    """(B, F, 4) face boxes (fractions) -> (B, F, size, size) 1 inside each mouth region: the
+    mouth of each frame's face region, the box grown FACE_EXPAND times as renders grow it."""
+    centre, half = (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2
+    region = torch.cat([centre - half * FACE_EXPAND, centre + half * FACE_EXPAND], -1).clamp(0, 1)
+    left, top, right, bottom = mouth_box(tuple(region.unbind(-1)))  # each (B, F)
     grid = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size
     inside_x = (grid >= left[..., None]) & (grid <= right[..., None])  # (B, F, size)
     inside_y = (grid >= top[..., None]) & (grid <= bottom[..., None])

@@ -70,9 +70,9 @@ def test_mask_and_expansion_geometry() -> None:
 
 def test_mouth_area_covers_the_mouth_training_weighs() -> None:
     """Continued clips denoise this area freely; it must hold the mouth region the training
-    loss weighs (emo.training.objective.MOUTH_REGION of the face box), in latent cells, for a
-    face region grown as renders grow it and inside the frame, and little of the rest of the
-    face. (A region clipped by the frame edge shifts the area: see emo.face.mouth_mask.)"""
+    loss weighs (the same emo.face.mouth_box, of the face box grown as renders grow it), in
+    latent cells, for a face region inside the frame, and little of the rest of the face. (A
+    region clipped by the frame edge shifts the area: see emo.face.mouth_mask.)"""
     import torch
 
     from emo.training.objective import mouth_mask as training_mouth
