@@ -226,10 +226,14 @@ def serve(
         from flows.render_track import render_track
         from flows.submit_batch import submit_batch
 
+        # No pausing of schedules on the way out: Ctrl-C stops the server too (it shares the
+        # terminal's process group), and the runner retried the dead API for over a minute.
+        # Nothing else serves these deployments, and the next `emo serve` serves them again.
         prefect_serve(
             render_track.to_deployment(name="render-track"),
             submit_batch.to_deployment(name="submit-batch"),
             nightly.to_deployment(name="nightly"),
+            pause_on_shutdown=False,
         )
     finally:
         server.terminate()

@@ -72,13 +72,15 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         _wait_for(deployed, 180, "the three deployments", process)
         yield api, home
     finally:
-        os.killpg(process.pid, signal.SIGINT)
+        os.killpg(process.pid, signal.SIGINT)  # Ctrl-C in its terminal
         try:
-            process.wait(timeout=60)
+            process.wait(timeout=30)
         except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
             process.wait()
         log.close()
+        tail = (tmp_path / "serve.log").read_text()[-3000:]
+        assert process.returncode != -signal.SIGKILL, f"not stopped 30 s after Ctrl-C:\n{tail}"
 
 
 def _deployments(api: str) -> list[dict]:
