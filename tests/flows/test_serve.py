@@ -43,6 +43,12 @@ def _wait_for(condition, seconds: float, what: str, process: subprocess.Popen) -
         time.sleep(1)
 
 
+def _as_in_a_terminal() -> None:
+    """In the child, before exec: Ctrl-C interrupts, as in a terminal. A test run started in
+    the background by a shell (CI, `make test &`) ignores SIGINT, and children inherit that."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 @pytest.fixture
 def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
     """`emo serve` on a free port; yields (API URL, EMO_HOME)."""
@@ -55,6 +61,7 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,
+        preexec_fn=_as_in_a_terminal,
     )
 
     def deployed() -> bool:
