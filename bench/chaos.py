@@ -448,6 +448,12 @@ def table(result: dict[str, Any]) -> str:
     return "\n".join(f"{name:<{width}}  {value}" for name, value in rows)
 
 
+def _interrupt(number: int, frame: object) -> None:
+    """A SIGTERM ends the run as Ctrl-C does: ``chaos`` stops every process of the farm on
+    the way out (by default the signal would end this process alone and leave them running)."""
+    raise KeyboardInterrupt
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seed", type=int, default=1)
@@ -460,7 +466,12 @@ def main() -> int:
         "--keep", action="store_true", help="keep the farm's folder (logs, data) after a pass"
     )
     args = parser.parse_args()
-    result = chaos(args.seed, args.jobs, args.faults, args.seconds, args.timeout)
+    signal.signal(signal.SIGTERM, _interrupt)  # `kill`, a CI timeout: tear the farm down too
+    try:
+        result = chaos(args.seed, args.jobs, args.faults, args.seconds, args.timeout)
+    except KeyboardInterrupt:
+        print("stopped; the farm is down (its folder is kept)", file=sys.stderr)
+        return 130
     print(table(result))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2, default=str))
