@@ -228,7 +228,8 @@ def serve(
 
         # No pausing of schedules on the way out: Ctrl-C stops the server too (it shares the
         # terminal's process group), and the runner retried the dead API for over a minute.
-        # Nothing else serves these deployments, and the next `emo serve` serves them again.
+        # These deployments have no schedule (the nightly's cron is the farm's and cluster's,
+        # prefect.yaml); one added here would find its overdue runs started on the next serve.
         prefect_serve(
             render_track.to_deployment(name="render-track"),
             submit_batch.to_deployment(name="submit-batch"),
@@ -237,7 +238,11 @@ def serve(
         )
     finally:
         server.terminate()
-        server.wait(timeout=30)
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
 
 
 def deploy(

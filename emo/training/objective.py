@@ -59,7 +59,9 @@ def mouth_mask(boxes: torch.Tensor, size: int) -> torch.Tensor:
     """(B, F, 4) face boxes (fractions) -> (B, F, size, size) 1 inside each mouth region: the
     mouth of each frame's face region, the box grown FACE_EXPAND times as renders grow it."""
     centre, half = (boxes[..., :2] + boxes[..., 2:]) / 2, (boxes[..., 2:] - boxes[..., :2]) / 2
-    region = torch.cat([centre - half * FACE_EXPAND, centre + half * FACE_EXPAND], -1).clamp(0, 1)
+    # Not clamped to the frame: a region cut by the crop's edge would move the mouth inward
+    # (onto the nose or a cheek); the grid comparison below keeps the mask inside anyway.
+    region = torch.cat([centre - half * FACE_EXPAND, centre + half * FACE_EXPAND], -1)
     left, top, right, bottom = mouth_box(tuple(region.unbind(-1)))  # each (B, F)
     grid = (torch.arange(size, device=boxes.device, dtype=torch.float32) + 0.5) / size
     inside_x = (grid >= left[..., None]) & (grid <= right[..., None])  # (B, F, size)

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from emo.eval.qc import qc_report, seam_jitter, sync_score
+from emo.face import FACE_EXPAND, expand_box
 from emo.media import VideoWriter
 
 SPF = 640
@@ -44,7 +45,7 @@ def test_report_on_a_rendered_video(tmp_path: Path) -> None:
     report = qc_report(
         tmp_path / "v.mp4",
         reference=video[0],
-        face_box=(0.25, 0.25, 0.75, 0.75),
+        face_box=expand_box((0.25, 0.25, 0.75, 0.75), FACE_EXPAND),  # the region, as renders
         audio=audio,
         samples_per_frame=SPF,
         boundaries={14, 24, 34, 44},  # away from the mouth toggles

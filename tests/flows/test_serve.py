@@ -88,6 +88,12 @@ def served(tmp_path: Path) -> Iterator[tuple[str, Path]]:
         log.close()
         tail = (tmp_path / "serve.log").read_text()[-3000:]
         assert process.returncode != -signal.SIGKILL, f"not stopped 30 s after Ctrl-C:\n{tail}"
+        try:  # and its Prefect server with it
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        else:
+            raise AssertionError(f"emo serve left a process of its group running:\n{tail}")
 
 
 def _deployments(api: str) -> list[dict]:
