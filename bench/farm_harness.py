@@ -251,8 +251,18 @@ def tiny_weights(path: Path) -> Path:
     return path
 
 
-def start_farm(root: Path, *, gpu_workers: int = 2, settings: dict[str, str] | None = None) -> Farm:
-    """Bring the whole farm up under ``root``: databases, S3, Prefect, deployments, workers."""
+def start_farm(
+    root: Path,
+    *,
+    gpu_workers: int = 2,
+    gpu_runs: int = 1,
+    settings: dict[str, str] | None = None,
+    project: Path = ROOT,
+) -> Farm:
+    """Bring the whole farm up under ``root``: databases, S3, Prefect, deployments, workers.
+
+    ``gpu_workers`` GPU workers (and as many GPU slots), each taking ``gpu_runs`` runs at once;
+    ``project``: the checkout the deployments run (this one by default)."""
     pg = PgCluster(root / "pg")
     pg.init()
     pg.start()
@@ -280,12 +290,12 @@ def start_farm(root: Path, *, gpu_workers: int = 2, settings: dict[str, str] | N
         **(settings or {}),
     }
     farm = Farm(root=root, env=env, pg=pg, weed=weed, prefect=prefect)
-    for command in (["db", "upgrade"], ["deploy", "--farm", "--project", str(ROOT)]):
+    for command in (["db", "upgrade"], ["deploy", "--farm", "--project", str(project)]):
         done = farm.emo(*command)
         if done.returncode != 0:
             farm.stop()
             raise RuntimeError(f"emo {' '.join(command)} failed: {done.stdout}{done.stderr}")
     for index in range(gpu_workers):
-        farm.start_worker(f"gpu-{index}", "gpu-local", 1)
+        farm.start_worker(f"gpu-{index}", "gpu-local", gpu_runs)
     farm.start_worker("cpu-0", "cpu-local", 4)
     return farm

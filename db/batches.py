@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import func, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -50,6 +50,16 @@ def batch_by_prefix(*, session: Session, prefix: str) -> Batch | None:
     return session.scalar(select(Batch).where(Batch.id.startswith(prefix)).limit(1))
 
 
+@dataclass(frozen=True)
+class BatchShare:
+    """How a batch shares the GPUs (``db.fair_share``)."""
+
+    priority: int = 0
+    weight: float = 1.0
+    max_concurrent: int | None = None
+    tenant: str | None = None
+
+
 def register_batch(
     *,
     session: Session,
@@ -57,6 +67,8 @@ def register_batch(
     manifest_sha256: str,
     jobs: list[JobSpec],
     actor: str,
+    share: BatchShare | None = None,
+    output_dir: str | None = None,
 ) -> tuple[Batch, bool]:
     """Register a batch and its queued jobs; the same manifest again returns the same batch.
 
@@ -66,7 +78,17 @@ def register_batch(
     existing = find_batch(session=session, manifest_sha256=manifest_sha256)
     if existing is not None:
         return existing, False
-    batch = Batch(name=name, manifest_sha256=manifest_sha256, submitted_by=actor)
+    share = share or BatchShare()
+    batch = Batch(
+        name=name,
+        manifest_sha256=manifest_sha256,
+        submitted_by=actor,
+        priority=share.priority,
+        weight=share.weight,
+        max_concurrent=share.max_concurrent,
+        tenant=share.tenant,
+        output_dir=output_dir,
+    )
     batch.jobs = [
         Job(
             **({"id": spec.id} if spec.id else {}),
@@ -111,3 +133,60 @@ def register_batch(
         )
     session.commit()
     return batch, True
+
+
+def set_share(
+    *, session: Session, batch_id: str, actor: str, **changes: int | float | str | None
+) -> Batch:
+    """Change how a batch shares the GPUs (priority, weight, max_concurrent, tenant); takes
+    effect at the next dispatch and the next free slot. Recorded as a ``batch.share`` event."""
+    batch = session.get(Batch, batch_id, with_for_update=True)
+    before = {key: getattr(batch, key) for key in changes}
+    for key, value in changes.items():
+        setattr(batch, key, value)
+    record_event(
+        session=session,
+        actor=actor,
+        kind="batch.share",
+        batch_id=batch_id,
+        detail={"before": before, "after": changes},
+    )
+    session.commit()
+    return batch
+
+
+def set_output_dir(*, session: Session, batch_id: str, output_dir: str) -> None:
+    """Note the folder a submit asked the batch's videos for (the latest submit's counts)."""
+    session.execute(update(Batch).where(Batch.id == batch_id).values(output_dir=output_dir))
+    session.commit()
+
+
+def batch_named(*, session: Session, reference: str) -> Batch | None:
+    """The batch with this id prefix, or else the latest one with this name."""
+    return batch_by_prefix(session=session, prefix=reference) or session.scalar(
+        select(Batch).where(Batch.name == reference).order_by(Batch.created_at.desc()).limit(1)
+    )
+
+
+@dataclass(frozen=True)
+class ShareRow:
+    """One batch with work left, as `emo share` shows it."""
+
+    batch: Batch
+    active: int  # dispatched and not yet rendered: holding or about to ask for a GPU
+    held: int  # queued, never dispatched: waiting its turn
+
+
+def share_rows(*, session: Session) -> list[ShareRow]:
+    """Batches with queued or running jobs, highest priority first, with their counts."""
+    waiting = Job.status.in_((JobStatus.QUEUED, JobStatus.RUNNING))
+    active = func.count().filter(Job.dispatched_at.is_not(None), Job.rendered_at.is_(None))
+    held = func.count().filter(Job.dispatched_at.is_(None))
+    rows = session.execute(
+        select(Batch, active, held)
+        .join(Job, Job.batch_id == Batch.id)
+        .where(waiting)
+        .group_by(Batch.id)
+        .order_by(Batch.priority.desc(), Batch.created_at)
+    )
+    return [ShareRow(batch, a, h) for batch, a, h in rows]

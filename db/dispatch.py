@@ -86,9 +86,18 @@ def begin_dispatch(
     if job.dispatch_generation != generation or job.status not in WAITING:
         session.rollback()
         return None
+    mark_dispatched(session=session, job=job, actor=actor, reason=reason)
+    session.commit()
+    return job.dispatch_generation
+
+
+def mark_dispatched(
+    *, session: Session, job: Job, actor: str, reason: str, now: datetime | None = None
+) -> None:
+    """The job's next dispatch, in the caller's transaction: its generation goes up, and it
+    counts against the GPUs again until its render gives its slot back (``rendered_at``)."""
     job.dispatch_generation += 1
-    job.flow_run_id = None
-    job.dispatched_at = utcnow()
+    job.flow_run_id, job.dispatched_at, job.rendered_at = None, now or utcnow(), None
     record_event(
         session=session,
         actor=actor,
@@ -98,8 +107,6 @@ def begin_dispatch(
         reason=reason,
         detail={"generation": job.dispatch_generation},
     )
-    session.commit()
-    return job.dispatch_generation
 
 
 def record_submit_run(*, session: Session, batch_id: str, flow_run_id: str) -> None:

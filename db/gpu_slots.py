@@ -14,6 +14,7 @@ dies with a killed render, can neither leak a slot nor take one from a live rend
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
@@ -23,6 +24,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from db.events import record_event
+from db.fair_share import Claim, Share, fair_picks
 from db.models import Batch, GpuLimit, Job, Lease, utcnow
 from emo.errors import JobStateError
 
@@ -170,8 +172,16 @@ def take_gpu_slot(
     grace = timedelta(seconds=grace_seconds)
     live = _reclaim(session, now=now, is_dead=is_dead, grace=grace, actor=owner)
     others = [h for h in live if h.job_id != job_id]
-    if own.gpu_since is None and len(others) < limit.slots:
+    if own.gpu_since is None:
+        own.gpu_wanted_at = own.gpu_wanted_at or now
+    free = limit.slots - len(others)
+    if (
+        own.gpu_since is None
+        and free > 0
+        and _my_turn(session, own, others, free, now, is_dead, grace)
+    ):
         own.gpu_since = own.progress_at = now
+        own.gpu_wanted_at = None
         record_event(
             session=session,
             actor=owner,
@@ -188,12 +198,48 @@ def take_gpu_slot(
     return SlotCount(acquired=False, slots=limit.slots, holders=tuple(others))
 
 
+def _my_turn(
+    session: Session,
+    own: Lease,
+    holders: list[SlotHolder],
+    free: int,
+    now: datetime,
+    is_dead: Callable[[str], bool],
+    grace: timedelta,
+) -> bool:
+    """Whether fair sharing gives one of the ``free`` slots to ``own`` rather than to another
+    waiting render (``db.fair_share``; waiters gone as a holder would be do not count)."""
+    rows = session.execute(
+        select(Lease, Job, Batch)
+        .join(Job, Job.id == Lease.job_id)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Lease.gpu_wanted_at.is_not(None), Lease.gpu_since.is_(None))
+    ).all()
+    claims = [
+        Claim(job.id, batch.id, Share.of(batch), job.priority, lease.gpu_wanted_at)
+        for lease, job, batch in rows
+        if lease.job_id == own.job_id or _gone(lease, now, is_dead, grace) is None
+    ]
+    holding = [h.job_id for h in holders]
+    held = Counter(
+        session.scalars(select(Job.batch_id).where(Job.id.in_(holding))) if holding else []
+    )
+    return own.job_id in fair_picks(claims, held, free)
+
+
+def lock_gpu_limit(*, session: Session, default_slots: int, actor: str) -> int:
+    """The GPU limit, its row locked until the caller's transaction ends (admissions take
+    turns on it, as slot takers do)."""
+    row, _ = _lock_limit(session, default_slots=default_slots, actor=actor)
+    return row.slots
+
+
 def release_gpu_slot(*, session: Session, job_id: str, owner: str) -> bool:
     """Give the slot back; False if ``owner`` held none (nothing changes then)."""
     result = session.execute(
         update(Lease)
         .where(Lease.job_id == job_id, Lease.owner == owner, Lease.gpu_since.is_not(None))
-        .values(gpu_since=None)
+        .values(gpu_since=None, gpu_wanted_at=None)
     )
     if result.rowcount == 0:
         session.rollback()

@@ -116,6 +116,15 @@ class Batch(Base):
     submitted_by: Mapped[str] = mapped_column(String(200))
     # The submit-batch deployment run that last submitted it (cancelling it cancels the batch).
     submit_run_id: Mapped[str | None] = mapped_column(String(36), default=None)
+    # How the batch shares the GPUs (``db.fair_share``): the highest priority is served first;
+    # batches of one priority split the slots in proportion to their weights, each at most
+    # ``max_concurrent`` (None: no cap). ``tenant`` names the studio's client, for reports.
+    priority: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    weight: Mapped[float] = mapped_column(Float, default=1.0, server_default="1")
+    max_concurrent: Mapped[int | None] = mapped_column(Integer, default=None)
+    tenant: Mapped[str | None] = mapped_column(String(200), default=None)
+    # The folder the submit asked the videos for (a job dispatched later still publishes there).
+    output_dir: Mapped[str | None] = mapped_column(Text, default=None)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
 
     jobs: Mapped[list[Job]] = relationship(back_populates="batch", order_by="Job.created_at")
@@ -161,6 +170,9 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # When its last segment was recorded and its GPU slot given back (cleared by a dispatch):
+    # from then on the job finishes on the CPU and no longer counts against the GPUs.
+    rendered_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
     finished_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
     batch: Mapped[Batch] = relationship(back_populates="jobs")
@@ -219,6 +231,9 @@ class Lease(Base):
     # When the owner last saw its model make progress (a denoising step), written by its
     # heartbeat: renders waiting for a slot give up only when no holder progresses.
     progress_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
+    # Since when the owner has been asking for a GPU slot (None: it is not waiting for one);
+    # a free slot goes to the waiter fair sharing picks.
+    gpu_wanted_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), default=None)
 
     job: Mapped[Job] = relationship(viewonly=True)
 

@@ -81,6 +81,7 @@ def record_segment_done(
     render_seconds: float,
     actor: str,
     epoch: int,
+    model_seconds: float | None = None,
 ) -> Segment:
     """Mark a segment done with its checkpoint, if ``epoch`` is still the job's lease epoch.
 
@@ -114,6 +115,7 @@ def record_segment_done(
             "checkpoint_uri": checkpoint_uri,
             "manifest_sha256": manifest_sha256,
             "render_seconds": render_seconds,
+            "model_seconds": model_seconds,  # inside the model (None: not measured)
             "epoch": epoch,
         },
     )

@@ -18,7 +18,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from emo.errors import EmoError
+from emo.errors import EmoError, InputError, NotFound
 
 console = Console(soft_wrap=True)
 
@@ -59,6 +59,64 @@ def slots(
     for h in holders:
         table.add_row(h.title, h.job_id[:12], h.owner, _ago(h.since, now), _ago(h.progress_at, now))
     console.print(table)
+
+
+def share(
+    batch: Annotated[str | None, typer.Argument(help="batch id (or prefix) or name")] = None,
+    priority: Annotated[
+        int | None, typer.Option(min=-1000, max=1000, help="served first when higher (rush)")
+    ] = None,
+    weight: Annotated[
+        float | None, typer.Option(min=0.001, max=1000, help="its share against equal priority")
+    ] = None,
+    max_concurrent: Annotated[
+        int | None, typer.Option(min=0, max=100000, help="at most this many at once (0: no cap)")
+    ] = None,
+    tenant: Annotated[str | None, typer.Option(help="the studio's client, for reports")] = None,
+) -> None:
+    """How batches share the GPUs; with a BATCH and options, change its share (it takes effect
+    at the next dispatch and the next free slot). `emo share BATCH --priority 10` rushes a
+    batch; `--weight 2` gives it twice the slots of a weight-1 batch while both have work."""
+    from db.batches import batch_named, set_share, share_rows
+    from flows.context import ACTOR, services
+
+    changes = {
+        key: value
+        for key, value in (("priority", priority), ("weight", weight), ("tenant", tenant))
+        if value is not None
+    }
+    if max_concurrent is not None:
+        changes["max_concurrent"] = max_concurrent or None
+    if changes and batch is None:
+        raise InputError("name the BATCH whose share to change (`emo share` lists them)")
+    with services().sessions() as session:
+        if batch is not None:
+            found = batch_named(session=session, reference=batch)
+            if found is None:
+                raise NotFound(f"no batch matches {batch!r} (give its id, a prefix or its name)")
+            if changes:
+                set_share(session=session, batch_id=found.id, actor=f"{ACTOR} share", **changes)
+        rows = share_rows(session=session)
+    table = Table()
+    for column in ("batch", "id", "tenant", "priority", "weight", "max", "dispatched", "held"):
+        table.add_column(column)
+    for row in rows:
+        b = row.batch
+        cap = "-" if b.max_concurrent is None else str(b.max_concurrent)
+        table.add_row(
+            b.name,
+            b.id[:12],
+            b.tenant or "-",
+            str(b.priority),
+            f"{b.weight:g}",
+            cap,
+            str(row.active),
+            str(row.held),
+        )
+    if rows:
+        console.print(table)
+    else:
+        console.print("no batch has work left")
 
 
 def gc(
@@ -290,6 +348,7 @@ def register(app: typer.Typer) -> None:
     app.command()(serve)
     app.command()(deploy)
     app.command()(slots)
+    app.command()(share)
     app.command()(gc)
     app.command()(sweep)
     app.command()(worker)

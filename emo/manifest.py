@@ -173,6 +173,20 @@ class Manifest(BaseModel):
     name: str
     defaults: JobOptions = Field(default_factory=JobOptions)
     jobs: list[JobEntry] = Field(min_length=1)
+    # How the batch shares the GPUs with other batches (``db.fair_share``; `emo share` changes
+    # them later): the highest priority is served first; batches of one priority split the
+    # slots in proportion to their weights, each at most ``max_concurrent`` at once.
+    priority: int = Field(0, ge=-1000, le=1000)
+    weight: Finite = Field(1.0, gt=0, le=1000)
+    max_concurrent: int | None = Field(None, ge=1, le=100000)
+    tenant: str | None = Field(None, min_length=1, max_length=200)
+
+    @field_validator("priority", "weight", "max_concurrent", mode="before")
+    @classmethod
+    def _share_not_a_boolean(cls, value: Any) -> Any:
+        if isinstance(value, bool):
+            raise ValueError("a number is needed, not true/false")
+        return value
 
     @field_validator("name")
     @classmethod

@@ -113,6 +113,13 @@ class Settings(BaseSettings):
     gpu_slots: int = Field(
         1, ge=1, le=1024, description="GPU limit a new job database starts with (`emo slots`)"
     )
+    dispatch_lookahead: int = Field(
+        1,
+        ge=0,
+        le=1024,
+        description="render runs dispatched beyond the GPU slots: they fetch their inputs and "
+        "load the model while the slots render, so a freed slot is taken at once",
+    )
     slot_wait_seconds: float = Field(
         600.0,
         gt=0,

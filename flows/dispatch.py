@@ -34,6 +34,8 @@ from prefect import tags
 from prefect.client.schemas.objects import StateType
 
 from db.dispatch import DispatchView, begin_dispatch, record_run, waiting_jobs
+from db.fair_share import admit_jobs
+from db.gpu_slots import lock_gpu_limit
 from db.jobs import fail_crashed_job, get_job, requeue_job, transition_job
 from db.models import JobStatus, utcnow
 from emo.errors import JobStateError
@@ -43,6 +45,7 @@ from flows.context import Services, dead_local_owner
 log = logging.getLogger(__name__)
 
 FINISHED_RUN = (StateType.COMPLETED, StateType.FAILED, StateType.CRASHED)
+CANCELLING = (StateType.CANCELLED, StateType.CANCELLING)
 PENDING_GRACE_FACTOR = 10  # a pending run (a pod scheduled, an image pulled) may take longer
 
 
@@ -65,7 +68,7 @@ class Outcome:
     """What settling one job did: left it (alive), dispatched it, cancelled it, or gave up."""
 
     job_id: str
-    action: str  # alive | dispatched | rendered | cancelled | exhausted
+    action: str  # alive | held | dispatched | rendered | cancelled | exhausted
     flow_run_id: str | None = None
     detail: str = ""
     crashed: bool = False  # it was running with its render dead: marked failed first
@@ -85,7 +88,7 @@ def judge(
     was never dispatched, or (inline) dispatched less than ``grace_seconds`` ago, is left to its
     dispatcher unless ``eager`` (a user's submit or render: dispatch it now)."""
     grace = timedelta(seconds=grace_seconds)
-    if batch_run is not None and batch_run.state in (StateType.CANCELLED, StateType.CANCELLING):
+    if batch_run is not None and batch_run.state in CANCELLING:
         return Verdict.CANCELLED  # the batch was cancelled
     state = run.state if run is not None else None
     if state in (StateType.CANCELLED, StateType.CANCELLING):
@@ -165,6 +168,13 @@ def settle(
         run = None if inline else read_run(view.flow_run_id)
         if not inline and view.batch_run_id and view.batch_run_id not in batch_runs:
             batch_runs[view.batch_run_id] = read_run(view.batch_run_id)
+        if not inline and view.dispatched_at is None and view.status is JobStatus.QUEUED:
+            batch_run = batch_runs.get(view.batch_run_id or "")
+            if batch_run is not None and batch_run.state in CANCELLING:
+                outcomes.append(_cancel(svc, view, actor))
+            else:  # never dispatched: admission decides when (``admit``)
+                outcomes.append(Outcome(view.job_id, "held", None, "waiting its turn for a GPU"))
+            continue
         verdict = judge(
             view,
             run,
@@ -180,7 +190,52 @@ def settle(
             outcomes.append(_cancel(svc, view, actor))
         else:
             outcomes.append(_redispatch(svc, view, actor, batch_name, output_dir, linked))
-    return outcomes
+    if inline:
+        return outcomes
+    mine = set(job_ids) if job_ids is not None else None
+    admitted = {
+        o.job_id: o
+        for o in admit(svc, actor=actor, linked=mine if linked else set(), output_dir=output_dir)
+    }
+    outcomes = [admitted.pop(o.job_id, o) for o in outcomes]
+    return outcomes + [o for o in admitted.values() if mine is None]
+
+
+def admit(
+    svc: Services, *, actor: str, linked: set[str] | None = None, output_dir: str | None = None
+) -> list[Outcome]:
+    """Dispatch the held jobs fair sharing lets through now (``db.fair_share``): as many as the
+    GPU slots plus ``EMO_DISPATCH_LOOKAHEAD`` leave room for. Runs of jobs in ``linked`` (all
+    when None) are children of the calling flow run. Nothing to do inline."""
+    if svc.settings.dispatch == "inline":
+        return []
+    with svc.sessions() as session:
+        slots = lock_gpu_limit(session=session, default_slots=svc.settings.gpu_slots, actor=actor)
+        capacity = slots + svc.settings.dispatch_lookahead
+        picked = admit_jobs(session=session, capacity=capacity, actor=actor)
+    return [
+        _start_run(
+            svc,
+            job_id,
+            generation,
+            actor=actor,
+            output_dir=output_dir,
+            linked=linked is None or job_id in linked,
+        )
+        for job_id, generation in picked
+    ]
+
+
+def admit_next(svc: Services, actor: str) -> None:
+    """A render gave a GPU (or its place) back: dispatch whoever is next. Never fails the
+    render: whatever is left undispatched, the next admission or the sweep dispatches."""
+    try:
+        admitted = admit(svc, actor=actor, linked=set())
+    except Exception as failure:  # noqa: BLE001 (the sweep is the backstop)
+        log.warning("dispatching the next job failed (the sweep will): %s", failure)
+        return
+    for outcome in admitted:
+        log.info("dispatched job %s (%s)", outcome.job_id, outcome.detail)
 
 
 def _cancel(svc: Services, view: DispatchView, actor: str) -> Outcome:
@@ -241,27 +296,75 @@ def _redispatch(
         )
         job = get_job(session=session, job_id=view.job_id)
         weights, name = job.weights_sha256, batch_name or job.batch.name
-        output = _output_path(job.name, job.params, output_dir)
+        output = _output_path(job.name, job.params, output_dir or job.batch.output_dir)
     if generation is None:
         return Outcome(view.job_id, "alive", None, "dispatched by another sweep or submit")
     fault_point("dispatch.claimed")
     if inline:
         return replace(_render_here(view.job_id, name, output), crashed=crashed)
+    run_id = _make_run(svc, view.job_id, generation, weights, name, output, linked)
+    return Outcome(view.job_id, "dispatched", run_id, f"generation {generation}", crashed)
+
+
+def _start_run(
+    svc: Services,
+    job_id: str,
+    generation: int,
+    *,
+    actor: str,
+    output_dir: str | None,
+    linked: bool,
+) -> Outcome:
+    """The render run of a job admission dispatched, unless its batch was cancelled in Prefect
+    meanwhile (then the job is cancelled instead)."""
+    with svc.sessions() as session:
+        job = get_job(session=session, job_id=job_id)
+        weights, name, batch_run = job.weights_sha256, job.batch.name, job.batch.submit_run_id
+        output = _output_path(job.name, job.params, output_dir or job.batch.output_dir)
+        view = DispatchView(
+            job_id,
+            f"{name}/{job.name}",
+            job.status,
+            generation,
+            None,
+            job.dispatched_at,
+            job.created_at,
+            None,
+            False,
+            batch_run,
+        )
+    if batch_run is not None:
+        state = (read_run(batch_run) or RunInfo(None, None)).state
+        if state in CANCELLING:
+            return _cancel(svc, view, actor)
+    fault_point("dispatch.claimed")
+    run_id = _make_run(svc, job_id, generation, weights, name, output, linked)
+    return Outcome(job_id, "dispatched", run_id, f"its turn, generation {generation}")
+
+
+def _make_run(
+    svc: Services,
+    job_id: str,
+    generation: int,
+    weights: str | None,
+    batch_name: str,
+    output: str | None,
+    linked: bool,
+) -> str:
+    """Make (or get back, by its idempotency key) the job's render run and record it."""
     from prefect.deployments import run_deployment
 
     run = run_deployment(
         svc.settings.render_deployment,
-        parameters={"job_id": view.job_id, "output": output},
-        idempotency_key=render_key(view.job_id, weights, generation),
+        parameters={"job_id": job_id, "output": output},
+        idempotency_key=render_key(job_id, weights, generation),
         timeout=0,
-        tags=[f"batch:{name}"],
+        tags=[f"batch:{batch_name}"],
         as_subflow=linked,
     )
     with svc.sessions() as session:
-        record_run(
-            session=session, job_id=view.job_id, generation=generation, flow_run_id=str(run.id)
-        )
-    return Outcome(view.job_id, "dispatched", str(run.id), f"generation {generation}", crashed)
+        record_run(session=session, job_id=job_id, generation=generation, flow_run_id=str(run.id))
+    return str(run.id)
 
 
 def _render_here(job_id: str, batch_name: str, output: str | None) -> Outcome:

@@ -1,12 +1,14 @@
 """render_track: one job, segment by segment, resumable from its checkpoints.
 
 The flow body is the recipe; each step is a task the Prefect UI shows under the same name.
-Take the job's lease (its epoch is this render's fencing token) and a GPU slot -> load the
-pinned model -> load the inputs (checked against their hashes) -> plan -> each segment in
+Take the job's lease (its epoch is this render's fencing token) -> load the pinned model ->
+load the inputs (checked against their hashes) -> plan -> take a GPU slot -> each segment in
 order: reuse its verified checkpoint, or render it from the previous segment's motion state
-and record it -> release the GPU -> assemble -> QC -> write the reports -> finish (the job
-succeeded, fenced by the epoch) -> only then deliver the user's copy. However the render
-ends, ``JobOutcome`` records it; verified checkpoints always stay in place.
+and record it -> release the GPU (and dispatch the next job) -> assemble -> QC -> write the
+reports -> finish (the job succeeded, fenced by the epoch) -> only then deliver the user's
+copy. However the render ends, ``JobOutcome`` records it; verified checkpoints always stay in
+place. The slot is held only while segments render: loading happens before it (while other
+jobs render, in a run dispatched ahead, ``EMO_DISPATCH_LOOKAHEAD``) and finishing after it.
 """
 
 from __future__ import annotations
@@ -17,8 +19,10 @@ from typing import Any
 from prefect import flow
 from prefect.runtime import flow_run
 
+from db.fair_share import mark_rendered
 from db.jobs import get_job
 from flows.context import JobLease, services
+from flows.dispatch import admit_next
 from flows.gpu_slot import GpuSlot
 from flows.job_run import JobOutcome, check_cancelled, start_job
 from flows.render_inputs import job_params, load_inputs, load_model, plan_job
@@ -50,34 +54,46 @@ def gpu_slot(lease: JobLease) -> GpuSlot:
     )
 
 
+def rendered(lease: JobLease) -> None:
+    """The last segment is recorded and the slot given back: the job no longer counts against
+    the GPUs (``db.fair_share``), so the next one is dispatched now."""
+    with lease.svc.sessions() as session:
+        mark_rendered(session=session, job_id=lease.job_id, epoch=lease.epoch)
+    admit_next(lease.svc, actor=lease.owner)
+
+
 @flow(name="render-track", flow_run_name=_run_name, log_prints=True)
 def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
     """Render one job; safe to run again (it resumes from the last verified segment)."""
     svc = services()
     started, fps = time.perf_counter(), svc.settings.fps
-    with JobLease(svc, job_id) as lease, JobOutcome(lease) as outcome:
-        job = in_place(lambda: start_job(lease), lease=lease, what="starting")
-        with gpu_slot(lease):  # held from loading the model onto the device to the last segment
-            pipeline = load_model(lease, job.weights_sha256)
+    try:
+        with JobLease(svc, job_id) as lease, JobOutcome(lease) as outcome:
+            job = in_place(lambda: start_job(lease), lease=lease, what="starting")
+            pipeline = load_model(lease, job.weights_sha256)  # warmed while others render
             params = job_params(lease, job, pipeline.config)
             inputs = load_inputs(lease, job, params, pipeline.config.resolution)
             plan = plan_job(lease, inputs.audio, params, pipeline.config.clip_frames)
             setup = JobSetup(pipeline, params, inputs, plan)
             ledger = SegmentLedger.open(lease, job, setup)
-            for segment in plan.segments:
-                binding = ledger.binding(segment)
-                ledger.add(
-                    ledger.reusable(segment, binding)
-                    or render_segment_task(lease, setup, segment, ledger.previous, binding)
-                )
-        done = ledger.done()
-        final = assemble(lease, done)
-        qc = quality(lease, done)
-        seconds = time.perf_counter() - started
-        sidecar = build_sidecar(done, qc, epoch=lease.epoch, fps=fps, run_seconds=seconds)
-        write_reports(lease, qc, sidecar)
-        finish(lease, final, qc, done.rendered)
-        outcome.result = deliver(lease, done, final, sidecar, output)
+            with gpu_slot(lease):  # the GPU renders segments, and nothing else
+                for segment in plan.segments:
+                    binding = ledger.binding(segment)
+                    ledger.add(
+                        ledger.reusable(segment, binding)
+                        or render_segment_task(lease, setup, segment, ledger.previous, binding)
+                    )
+            rendered(lease)  # the next job may take the GPU while this one finishes
+            done = ledger.done()
+            final = assemble(lease, done)
+            qc = quality(lease, done)
+            seconds = time.perf_counter() - started
+            sidecar = build_sidecar(done, qc, epoch=lease.epoch, fps=fps, run_seconds=seconds)
+            write_reports(lease, qc, sidecar)
+            finish(lease, final, qc, done.rendered)
+            outcome.result = deliver(lease, done, final, sidecar, output)
+    finally:
+        admit_next(svc, actor="render-track")  # however it ended, its place is free
     return outcome.result
 
 

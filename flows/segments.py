@@ -234,7 +234,9 @@ def render_segment_task(
             what="fetching the previous segment's motion state",
         )
         motion = MotionState.load(path)
+    model_started = time.perf_counter()
     frames, state = _render(lease, setup, segment, motion)
+    model_seconds = time.perf_counter() - model_started
     video = inputs.scratch / f"segment-{segment.index:05d}.mp4"
     with media.VideoWriter(
         video, width=frames.shape[2], height=frames.shape[1], fps=svc.settings.fps
@@ -251,7 +253,12 @@ def render_segment_task(
             index=segment.index,
             epoch=lease.epoch,
             files={"video.mp4": video, "motion.safetensors": motion_path},
-            meta={**binding, "seed": setup.params.seed, "render_seconds": seconds},
+            meta={
+                **binding,
+                "seed": setup.params.seed,
+                "render_seconds": seconds,
+                "model_seconds": model_seconds,
+            },
         ),
         lease=lease,
         what=f"writing segment {segment.index}'s checkpoint",
@@ -303,6 +310,7 @@ def record_segment(lease: JobLease, checkpoint: SegmentCheckpoint, actor: str) -
                 checkpoint_uri=svc.store.uri(checkpoint.prefix + MANIFEST),
                 manifest_sha256=checkpoint.manifest_sha256,
                 render_seconds=float(checkpoint.manifest.get("render_seconds", 0.0)),
+                model_seconds=checkpoint.manifest.get("model_seconds"),
                 actor=actor,
                 epoch=lease.epoch,
             )

@@ -29,7 +29,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
 from prefect.states import State
 
-from db.batches import JobSpec, find_batch, register_batch
+from db.batches import BatchShare, JobSpec, find_batch, register_batch, set_output_dir
 from db.dispatch import record_submit_run
 from db.models import Batch, Job, JobStatus
 from emo import media
@@ -54,6 +54,7 @@ from flows.dispatch import settle
 
 log = logging.getLogger(__name__)
 ACTOR = "submit-batch"
+DISPATCH_POLL_SECONDS = 5.0  # how often a waiting submit looks at its runs and held jobs
 
 
 @dataclass(frozen=True)
@@ -380,25 +381,38 @@ def dispatch(
         eager=True,
         linked=True,
     )
-    result = {}
-    for outcome in outcomes:
-        if outcome.flow_run_id is not None:
-            result[outcome.job_id] = _wait(outcome.flow_run_id).name
-        else:
-            result[outcome.job_id] = outcome.detail or outcome.action
-    return result
+    result: dict[str, str] = {}
+    runs: dict[str, str] = {}
+    while True:
+        for outcome in outcomes:
+            if outcome.flow_run_id is not None:
+                runs[outcome.job_id] = outcome.flow_run_id
+            elif outcome.action not in ("alive", "held"):
+                result[outcome.job_id] = outcome.detail or outcome.action
+        for job_id, run_id in runs.items():
+            state = _final_state(run_id) if job_id not in result else None
+            if state is not None:
+                result[job_id] = state.name
+        waiting = {o.job_id for o in outcomes if o.action in ("alive", "held")}
+        pending = sorted((waiting | set(runs)) - set(result))
+        if not pending:
+            return result
+        time.sleep(DISPATCH_POLL_SECONDS)
+        # Jobs held back by fair sharing are dispatched as GPUs free up (by the renders that
+        # free them, or here); a run that died is replaced, as the sweep would.
+        outcomes = settle(
+            svc, pending, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, linked=True
+        )
 
 
-def _wait(run_id: Any, poll_seconds: float = 10.0) -> State:
-    """Wait for a deployment run to finish; ``run_deployment`` does not raise on failure."""
+def _final_state(run_id: str) -> State | None:
+    """The run's final state, or None while it is not final (``run_deployment`` does not raise
+    on failure)."""
     from prefect.client.orchestration import get_client
 
     with get_client(sync_client=True) as client:
-        while True:
-            state = client.read_flow_run(run_id).state
-            if state is not None and state.is_final():
-                return state
-            time.sleep(poll_seconds)
+        state = client.read_flow_run(run_id).state
+    return state if state is not None and state.is_final() else None
 
 
 def content_key(manifest_sha256: str, fetched: list[FetchedInputs | str]) -> str:
@@ -433,8 +447,14 @@ def _register(
         prepared = preflight(svc.settings, parsed, key, fetched, weights, source, allow_cost_hours)
         specs = upload_inputs(svc, prepared, weights)
         with svc.sessions() as session:
+            share = BatchShare(parsed.priority, parsed.weight, parsed.max_concurrent, parsed.tenant)
             batch, created = register_batch(
-                session=session, name=parsed.name, manifest_sha256=key, jobs=specs, actor=ACTOR
+                session=session,
+                name=parsed.name,
+                manifest_sha256=key,
+                jobs=specs,
+                actor=ACTOR,
+                share=share,
             )
         return batch, created, {job.spec.name: job for job in prepared}
     finally:
@@ -498,6 +518,9 @@ def submit_batch(
             for j in sorted(jobs, key=lambda j: (-j.priority, j.created_at))
             if j.status in (JobStatus.QUEUED, JobStatus.RUNNING)
         ]
+    if output_dir is not None:
+        with svc.sessions() as session:
+            set_output_dir(session=session, batch_id=batch.id, output_dir=output_dir)
     outcome = dispatch(svc, parsed.name, todo, output_dir) if render else {}
     with svc.sessions() as session:
         jobs = list(session.get(type(batch), batch.id).jobs)

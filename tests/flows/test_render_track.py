@@ -157,6 +157,16 @@ def test_three_segment_job_end_to_end(
     assert steps[:3] == ["load model", "load inputs", "plan"], steps
     assert steps[-5:] == ["assemble", "qc", "write reports", "finish", "deliver"], steps
     assert len(steps) == 3 + 3 + 5 and steps[3].startswith("segment 0 (0:00.0-"), steps
+    # The GPU slot is held only while segments render: taken once the model, the inputs and
+    # the plan are ready, given back when the last segment is recorded, before assembly.
+    with _session(studio) as session:
+        at = {e.kind: e.at for e in job_events(session=session, job_id=job_id)}
+        last_segment = max(
+            e.at for e in job_events(session=session, job_id=job_id) if e.kind == "segment.done"
+        )
+        rendered_at = session.get(Job, job_id).rendered_at
+    assert ordered[2].end_time <= at["gpu.acquired"] <= ordered[3].start_time
+    assert last_segment <= at["gpu.released"] <= rendered_at <= ordered[-5].start_time
     assert progress.type == "progress" and float(progress.data) == 100.0
     assert qc.type == "table" and "seam_jitter" in json.dumps(qc.data)
     assert f"{out}final.mp4" in str(video.data)  # a link to the final video

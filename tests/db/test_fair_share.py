@@ -1,0 +1,161 @@
+"""Fair sharing of the GPUs: the order, admission of held jobs, and who gets a freed slot.
+
+On PostgreSQL and SQLite (the ``session`` fixture), with real batches, jobs and leases.
+"""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+from db.batches import BatchShare, JobSpec, register_batch, set_share
+from db.fair_share import Claim, Share, admit_jobs, fair_picks, mark_rendered
+from db.gpu_slots import release_gpu_slot, take_gpu_slot
+from db.jobs import transition_job
+from db.leases import acquire_lease
+from db.models import Event, Job, JobStatus, utcnow
+
+T0 = datetime(2026, 12, 7, 12, tzinfo=UTC)
+
+
+def _claims(batch: str, count: int, share: Share, start: int = 0) -> list[Claim]:
+    return [
+        Claim(f"{batch}{i}", batch, share, 0, T0 + timedelta(seconds=start + i))
+        for i in range(count)
+    ]
+
+
+def test_equal_batches_alternate_and_a_new_batch_is_served_next() -> None:
+    big = _claims("a", 12, Share())
+    late = _claims("b", 3, Share(), start=100)
+    # Batch a holds three units already: b, holding none, gets the next one, then they alternate.
+    assert fair_picks(big + late, {"a": 3}, 5) == ["b0", "b1", "b2", "a0", "a1"]
+    assert fair_picks(big + late, {"a": 1, "b": 1}, 4) == ["a0", "b0", "a1", "b1"]
+
+
+def test_weights_split_the_slots_in_proportion() -> None:
+    third = _claims("client", 20, Share(weight=1.0))
+    rest = _claims("others", 20, Share(weight=2.0))
+    picks = fair_picks(third + rest, {}, 9)
+    assert sum(p.startswith("client") for p in picks) == 3  # a third of the farm
+    assert sum(p.startswith("others") for p in picks) == 6
+
+
+def test_priority_comes_first_and_max_concurrent_caps_a_batch() -> None:
+    normal = _claims("n", 5, Share())
+    rush = _claims("r", 5, Share(priority=10, max_concurrent=2), start=50)
+    assert fair_picks(normal + rush, {}, 4) == ["r0", "r1", "n0", "n1"]
+    assert fair_picks(normal + rush, {"r": 2}, 2) == ["n0", "n1"]  # r is at its cap
+    assert fair_picks(rush, {"r": 2}, 3) == []  # nothing else: the cap still holds
+
+
+def test_within_a_batch_job_priority_then_age() -> None:
+    share = Share()
+    claims = [
+        Claim("old", "a", share, 0, T0),
+        Claim("urgent", "a", share, 5, T0 + timedelta(hours=1)),
+        Claim("new", "a", share, 0, T0 + timedelta(minutes=1)),
+    ]
+    assert fair_picks(claims, {}, 3) == ["urgent", "old", "new"]
+
+
+def _batch(session, name: str, count: int, share: BatchShare | None = None) -> list[str]:
+    specs = [JobSpec(name=f"{name}{i}", image_uri="i.png", audio_uri="a.wav") for i in range(count)]
+    key = name.encode().hex().ljust(64, "0")
+    batch, _ = register_batch(
+        session=session, name=name, manifest_sha256=key, jobs=specs, actor="t", share=share
+    )
+    jobs = sorted(batch.jobs, key=lambda job: (job.created_at, job.id))  # the order served
+    return [job.id for job in jobs]
+
+
+def _admitted(session, capacity: int) -> list[str]:
+    return [job_id for job_id, _ in admit_jobs(session=session, capacity=capacity, actor="t")]
+
+
+def test_admission_holds_jobs_back_and_lets_a_later_batch_in_at_the_next_free_place(
+    session,
+) -> None:
+    big = _batch(session, "big", 12)
+    first = _admitted(session, capacity=4)
+    assert first == big[:4]  # the GPUs' worth plus the look-ahead; eight stay held
+    assert _admitted(session, capacity=4) == []  # full
+    job = session.get(Job, big[0])
+    assert job.dispatch_generation == 1 and job.dispatched_at is not None
+
+    small = _batch(session, "small", 3)
+    assert _admitted(session, capacity=4) == []  # no place free yet: nothing jumps the queue
+    transition_job(session=session, job_id=big[0], to=JobStatus.RUNNING, actor="t")
+    acquire_lease(session=session, job_id=big[0], owner="r:1", ttl_seconds=60)
+    epoch = session.get(Job, big[0], populate_existing=True).lease_epoch
+    assert mark_rendered(session=session, job_id=big[0], epoch=epoch)
+    assert not mark_rendered(session=session, job_id=big[0], epoch=epoch - 1)  # fenced
+    assert _admitted(session, capacity=4) == [small[0]]  # its place goes to the batch with none
+
+    # Both have work: places alternate between them as they free up.
+    for job_id in big[1:3]:
+        transition_job(session=session, job_id=job_id, to=JobStatus.CANCELLED, actor="t")
+    assert _admitted(session, capacity=4) == [big[4], small[1]]  # equal: the older batch first
+    reasons = {e.reason for e in session.query(Event).filter(Event.kind == "job.dispatched").all()}
+    assert reasons == {"its turn (fair share)"}
+
+
+def test_a_rush_and_a_cap_take_effect_at_the_next_admission(session) -> None:
+    slow = _batch(session, "slow", 6)
+    capped = _batch(session, "capped", 6, BatchShare(max_concurrent=1))
+    assert _admitted(session, capacity=3) == [slow[0], capped[0], slow[1]]
+    for job_id in (slow[0], slow[1], capped[0]):
+        transition_job(session=session, job_id=job_id, to=JobStatus.CANCELLED, actor="t")
+    batch_id = session.get(Job, slow[2]).batch_id
+    set_share(session=session, batch_id=batch_id, actor="producer", priority=10)
+    assert _admitted(session, capacity=3) == slow[2:5]  # rushed: served before the other
+    event = session.query(Event).filter(Event.kind == "batch.share").one()
+    assert event.detail == {"before": {"priority": 0}, "after": {"priority": 10}}
+
+
+def _lease(session, job_id: str, owner: str) -> None:
+    transition_job(session=session, job_id=job_id, to=JobStatus.RUNNING, actor=owner)
+    assert acquire_lease(session=session, job_id=job_id, owner=owner, ttl_seconds=600)
+
+
+def _take(session, job_id: str, owner: str, at: datetime) -> bool:
+    return take_gpu_slot(
+        session=session,
+        job_id=job_id,
+        owner=owner,
+        default_slots=2,
+        is_dead=lambda owner: False,
+        now=at,
+    ).acquired
+
+
+def test_a_freed_slot_goes_to_the_waiter_fair_sharing_picks(session) -> None:
+    a = _batch(session, "a", 3)
+    (b,) = _batch(session, "b", 1)
+    for n, job_id in enumerate([*a, b]):
+        _lease(session, job_id, f"r{n}:1")
+    now = utcnow()
+    assert _take(session, a[0], "r0:1", now) and _take(session, a[1], "r1:1", now)
+    assert not _take(session, a[2], "r2:1", now)  # waits first
+    assert not _take(session, b, "r3:1", now + timedelta(seconds=5))  # waits later
+
+    assert release_gpu_slot(session=session, job_id=a[1], owner="r1:1")
+    later = now + timedelta(seconds=10)
+    # a still holds one slot and b none: the slot is b's, though a's waiter asks first.
+    assert not _take(session, a[2], "r2:1", later)
+    assert _take(session, b, "r3:1", later)
+    assert release_gpu_slot(session=session, job_id=a[0], owner="r0:1")
+    assert _take(session, a[2], "r2:1", later)  # one each now
+
+
+def test_a_waiter_that_lost_its_lease_does_not_hold_a_free_slot_back(session) -> None:
+    a = _batch(session, "a", 3)
+    (b,) = _batch(session, "b", 1)
+    for n, job_id in enumerate(a):
+        _lease(session, job_id, f"r{n}:1")
+    transition_job(session=session, job_id=b, to=JobStatus.RUNNING, actor="gone")
+    long_ago = utcnow() - timedelta(hours=1)
+    assert acquire_lease(session=session, job_id=b, owner="gone:1", ttl_seconds=60, now=long_ago)
+    assert _take(session, a[0], "r0:1", long_ago) and _take(session, a[1], "r1:1", long_ago)
+    assert not _take(session, b, "gone:1", long_ago)  # it waited, then died with its lease
+    assert release_gpu_slot(session=session, job_id=a[1], owner="r1:1")
+    assert _take(session, a[2], "r2:1", utcnow())  # b's claim lapsed with its lease
