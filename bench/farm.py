@@ -118,6 +118,22 @@ def _finished(farm: Farm) -> tuple[int, int]:
     return done, total
 
 
+def submit(farm: Farm, manifest: Path) -> None:
+    """Start a submit-batch run of ``manifest`` on this farm's Prefect server (each setting's
+    farm has its own: the settings are switched, not read once from the environment)."""
+    from prefect.deployments import run_deployment
+    from prefect.settings import PREFECT_API_AUTH_STRING, PREFECT_API_URL, temporary_settings
+
+    server = {
+        PREFECT_API_URL: farm.env["PREFECT_API_URL"],
+        PREFECT_API_AUTH_STRING: farm.env["PREFECT_API_AUTH_STRING"],
+    }
+    with temporary_settings(updates=server):
+        run_deployment(
+            "submit-batch/submit-batch", parameters={"manifest": str(manifest)}, timeout=0
+        )
+
+
 def run_setting(setting: Setting, steps: int, seconds: float, late: float) -> dict[str, Any]:
     """Bring a farm up, submit both batches, wait for every job; the measurements."""
     root = Path(tempfile.mkdtemp(prefix=f"emo-farm-{setting.name}-"))
@@ -125,16 +141,13 @@ def run_setting(setting: Setting, steps: int, seconds: float, late: float) -> di
     print(f"[{setting.name}] the farm's folder: {root}", flush=True)
     farm = _farm(root, setting)
     try:
-        os.environ.update(farm.env)
-        from prefect.deployments import run_deployment
-
         big = make_batch(root, "big", BIG, steps, seconds)
         small = make_batch(root, "small", SMALL, steps, seconds)
         submitted = {"big": time.time()}
-        run_deployment("submit-batch/submit-batch", parameters={"manifest": str(big)}, timeout=0)
+        submit(farm, big)
         time.sleep(late)
         submitted["small"] = time.time()
-        run_deployment("submit-batch/submit-batch", parameters={"manifest": str(small)}, timeout=0)
+        submit(farm, small)
         deadline = time.monotonic() + 1800
         while True:
             done, total = _finished(farm)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
 from sqlalchemy import select, update
 from sqlalchemy.orm import Session
@@ -36,6 +37,7 @@ class DispatchView:
     lease_owner: str | None
     lease_live: bool  # a lease that has not expired: someone renders (or waits for a slot)
     batch_run_id: str | None = None  # the submit-batch run that submitted the batch
+    rendered: bool = False  # its segments are rendered: its run finishes it (or hands it on)
 
 
 def waiting_jobs(*, session: Session, now: datetime | None = None) -> list[DispatchView]:
@@ -60,6 +62,7 @@ def waiting_jobs(*, session: Session, now: datetime | None = None) -> list[Dispa
             lease_owner=owner,
             lease_live=expires is not None and expires > now,
             batch_run_id=batch_run,
+            rendered=job.rendered_at is not None,
         )
         for job, batch, owner, expires, batch_run in rows
     ]
@@ -117,10 +120,17 @@ def record_submit_run(*, session: Session, batch_id: str, flow_run_id: str) -> N
 
 def record_run(*, session: Session, job_id: str, generation: int, flow_run_id: str) -> bool:
     """Note the render run a dispatch made; False if a later dispatch replaced it already."""
-    result = session.execute(
-        update(Job)
-        .where(Job.id == job_id, Job.dispatch_generation == generation)
-        .values(flow_run_id=flow_run_id)
-    )
+    return _set_run(session, flow_run_id, Job.id == job_id, Job.dispatch_generation == generation)
+
+
+def record_finish_run(*, session: Session, job_id: str, epoch: int, flow_run_id: str) -> bool:
+    """Note the finish-job run a render handed the job to (the sweep asks Prefect about it from
+    now on); False (nothing written) if ``epoch`` is no longer the job's: the lease was lost."""
+    return _set_run(session, flow_run_id, Job.id == job_id, Job.lease_epoch == epoch)
+
+
+def _set_run(session: Session, flow_run_id: str, *conditions: Any) -> bool:
+    """Make ``flow_run_id`` the run of the job that ``conditions`` select; whether one was."""
+    result = session.execute(update(Job).where(*conditions).values(flow_run_id=flow_run_id))
     session.commit()
     return result.rowcount == 1

@@ -52,6 +52,7 @@ class SlotCount:
     acquired: bool
     slots: int
     holders: tuple[SlotHolder, ...]  # live holders (this render among them once acquired)
+    host_full: bool = False  # refused because this host's renders hold its GPUs already
 
 
 def _lock_limit(session: Session, *, default_slots: int, actor: str) -> tuple[GpuLimit, bool]:
@@ -153,8 +154,13 @@ def take_gpu_slot(
     is_dead: Callable[[str], bool],
     grace_seconds: float = 0.0,
     now: datetime | None = None,
+    host_slots: int | None = None,
 ) -> SlotCount:
     """Give ``owner`` (the holder of the job's lease) a GPU slot if one is free; commits.
+
+    ``host_slots``: the GPUs of the owner's host (``EMO_HOST_GPU_SLOTS``): never more holders
+    on that host (the host is the owner's first field, as ``flows.context.lease_owner`` makes
+    it); a render waiting for its own host's GPU does not count as a waiter meanwhile.
 
     Slots of dead holders, and of holders whose lease expired ``grace_seconds`` ago, are
     reclaimed first. Raises ``JobStateError`` if ``owner`` no longer holds the job's lease.
@@ -172,9 +178,12 @@ def take_gpu_slot(
     grace = timedelta(seconds=grace_seconds)
     live = _reclaim(session, now=now, is_dead=is_dead, grace=grace, actor=owner)
     others = [h for h in live if h.job_id != job_id]
+    host = owner.partition(":")[0]
+    on_host = sum(1 for h in others if h.owner.partition(":")[0] == host)
+    host_full = host_slots is not None and on_host >= host_slots
     if own.gpu_since is None:
-        own.gpu_wanted_at = own.gpu_wanted_at or now
-    free = limit.slots - len(others)
+        own.gpu_wanted_at = None if host_full else own.gpu_wanted_at or now
+    free = 0 if host_full else limit.slots - len(others)
     if (
         own.gpu_since is None
         and free > 0
@@ -195,7 +204,7 @@ def take_gpu_slot(
         job = session.get(Job, job_id)
         mine = SlotHolder(job_id, f"{job.batch.name}/{job.name}", owner, own.gpu_since, now)
         return SlotCount(acquired=True, slots=limit.slots, holders=(*others, mine))
-    return SlotCount(acquired=False, slots=limit.slots, holders=tuple(others))
+    return SlotCount(acquired=False, slots=limit.slots, holders=tuple(others), host_full=host_full)
 
 
 def _my_turn(

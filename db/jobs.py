@@ -64,6 +64,13 @@ def job_status(*, session: Session, job_id: str) -> JobStatus:
     return status
 
 
+def job_statuses(*, session: Session, job_ids: list[str]) -> dict[str, JobStatus]:
+    """Each job's status as the database has it now (no lock); unknown ids are left out."""
+    if not job_ids:
+        return {}
+    return dict(session.execute(select(Job.id, Job.status).where(Job.id.in_(job_ids))).all())
+
+
 def _apply(job: Job, to: JobStatus, *, session: Session, actor: str, reason: str | None) -> None:
     """Check and apply one edge of the state machine, with its event (no commit)."""
     if to not in ALLOWED[job.status]:
@@ -168,7 +175,7 @@ def fail_crashed_job(
     return True
 
 
-def begin_run(*, session: Session, job_id: str, actor: str) -> Job:
+def begin_run(*, session: Session, job_id: str, actor: str, reason: str | None = None) -> Job:
     """Make a job running for a render that holds its lease.
 
     queued -> running; failed -> queued -> running (a resume, counting an attempt); a job
@@ -193,7 +200,7 @@ def begin_run(*, session: Session, job_id: str, actor: str) -> Job:
                 kind="job.resumed",
                 batch_id=job.batch_id,
                 job_id=job.id,
-                reason="previous run ended without finishing",
+                reason=reason or "previous run ended without finishing",
             )
         else:
             raise JobStateError(

@@ -139,8 +139,14 @@ def read_bundle_info(path: Path | str) -> BundleInfo:
             f"{path} is not a weights bundle (no {BUNDLE_FILE}); set EMO_WEIGHTS or --weights "
             "to a directory made by `emo weights init` or `emo train`"
         )
+    return parse_bundle_info(document_path.read_text(), path)
+
+
+def parse_bundle_info(text: str, path: Path) -> BundleInfo:
+    """``emo.json``'s text as a ``BundleInfo`` of the bundle at ``path`` (read from anywhere:
+    a finishing run reads a pinned bundle's from the store without its weights)."""
     try:
-        document = json.loads(document_path.read_text())
+        document = json.loads(text)
         config = EMOConfig.from_dict(document["config"])
         return BundleInfo(
             path=path,

@@ -280,6 +280,7 @@ def serve(
         console.print(f"Prefect UI: http://127.0.0.1:{port}  (Ctrl-C stops)")
         from prefect import serve as prefect_serve
 
+        from flows.finish_job import finish_job
         from flows.nightly import nightly
         from flows.render_track import render_track
         from flows.submit_batch import submit_batch
@@ -290,6 +291,7 @@ def serve(
         # prefect.yaml); one added here would find its overdue runs started on the next serve.
         prefect_serve(
             render_track.to_deployment(name="render-track"),
+            finish_job.to_deployment(name="finish-job"),
             submit_batch.to_deployment(name="submit-batch"),
             nightly.to_deployment(name="nightly"),
             pause_on_shutdown=False,

@@ -39,6 +39,10 @@ ENDPOINT = re.compile(
 PATTERNS = {
     "device": (r"auto|cpu|mps|cuda(:\d+)?", "use auto, cpu, cuda, cuda:N or mps"),
     "render_deployment": (r"[^/\s]+/[^/\s]+", "give the deployment as flow-name/deployment-name"),
+    "finish_deployment": (
+        r"([^/\s]+/[^/\s]+)?",
+        "give the deployment as flow-name/deployment-name, or leave it empty",
+    ),
 }
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
 SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
@@ -110,8 +114,20 @@ class Settings(BaseSettings):
         "inline", description="render jobs as subflows, or via the render-track deployment"
     )
     render_deployment: str = Field("render-track/render-track", description="deployment name")
+    finish_deployment: str = Field(
+        "finish-job/finish-job",
+        description="deployment a render hands its job's finishing to, on the CPU pool (empty: "
+        "the render finishes the job itself)",
+    )
     gpu_slots: int = Field(
         1, ge=1, le=1024, description="GPU limit a new job database starts with (`emo slots`)"
+    )
+    host_gpu_slots: int | None = Field(
+        None,
+        ge=1,
+        le=64,
+        description="GPUs of this host: its renders never hold more slots at once, so a GPU "
+        "worker may take more runs than GPUs (the extra ones load while the GPUs render)",
     )
     dispatch_lookahead: int = Field(
         1,
@@ -217,7 +233,7 @@ class Settings(BaseSettings):
                 raise ValueError("give host:port or https://host, e.g. https://files.studio.com")
         return value
 
-    @field_validator("device", "render_deployment", mode="after")
+    @field_validator("device", "render_deployment", "finish_deployment", mode="after")
     @classmethod
     def _check_pattern(cls, value: str, info: ValidationInfo) -> str:
         pattern, fix = PATTERNS[info.field_name]

@@ -116,8 +116,11 @@ def dead_local_owner(owner: str) -> bool:
 class JobLease:
     """Context manager: hold a job's lease with a heartbeat for the duration."""
 
-    def __init__(self, svc: Services, job_id: str, owner: str | None = None) -> None:
+    def __init__(
+        self, svc: Services, job_id: str, owner: str | None = None, wait_seconds: float = 0.0
+    ) -> None:
         self.svc, self.job_id = svc, job_id
+        self.wait_seconds = wait_seconds  # how long a lease held by another may be waited for
         self.owner = owner or lease_owner()
         self.lost = threading.Event()
         self.cancelled = threading.Event()  # set by the heartbeat when the job is cancelled
@@ -130,6 +133,21 @@ class JobLease:
         self.stop_signal: int | None = None  # a SIGTERM noted by JobOutcome: stop at next check
 
     def __enter__(self) -> JobLease:
+        deadline = time.monotonic() + self.wait_seconds
+        while True:
+            try:
+                self._acquire()
+                break
+            except LeaseHeld:
+                if time.monotonic() >= deadline:
+                    raise
+                time.sleep(min(1.0, self.wait_seconds))
+        self._heartbeat = Heartbeat(
+            self._renew, self.svc.settings.heartbeat_seconds, f"lease-{self.job_id[:8]}"
+        ).start()
+        return self
+
+    def _acquire(self) -> None:
         ttl = self.svc.settings.lease_seconds
         self._renewed = time.monotonic()
         with self.svc.sessions() as session:
@@ -149,10 +167,6 @@ class JobLease:
                     f"job {self.job_id} is being rendered by {name}; not starting a second render"
                 )
             self.epoch = lease.epoch
-        self._heartbeat = Heartbeat(
-            self._renew, self.svc.settings.heartbeat_seconds, f"lease-{self.job_id[:8]}"
-        ).start()
-        return self
 
     def mark_progress(self) -> None:
         """The model progressed (a denoising step); the next heartbeat records when, so renders

@@ -28,19 +28,28 @@ from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from prefect import tags
 from prefect.client.schemas.objects import StateType
 
-from db.dispatch import DispatchView, begin_dispatch, record_run, waiting_jobs
+from db.dispatch import (
+    DispatchView,
+    begin_dispatch,
+    record_finish_run,
+    record_run,
+    waiting_jobs,
+)
 from db.fair_share import admit_jobs
 from db.gpu_slots import lock_gpu_limit
 from db.jobs import fail_crashed_job, get_job, requeue_job, transition_job
 from db.models import JobStatus, utcnow
 from emo.errors import JobStateError
 from emo.faults import fault_point
-from flows.context import Services, dead_local_owner
+from flows.context import JobLease, Services, dead_local_owner
+
+if TYPE_CHECKING:
+    from flows.segments import RenderedJob
 
 log = logging.getLogger(__name__)
 
@@ -98,8 +107,9 @@ def judge(
         return Verdict.ALIVE  # the render is stopping and will say so itself
     if view.lease_live:
         return Verdict.ALIVE
-    if view.status is JobStatus.RUNNING:
+    if view.status is JobStatus.RUNNING and not (view.rendered and run is not None):
         return Verdict.GONE  # running with no live lease: its render died
+    # (A rendered job's run may be the finish-job run its render handed it to: judged below.)
     if state in (StateType.SCHEDULED, StateType.PAUSED):
         return Verdict.ALIVE  # waiting for a worker, or for the deployment's concurrency
     if state in (StateType.PENDING, StateType.RUNNING):
@@ -365,6 +375,49 @@ def _make_run(
     with svc.sessions() as session:
         record_run(session=session, job_id=job_id, generation=generation, flow_run_id=str(run.id))
     return str(run.id)
+
+
+def hand_off(lease: JobLease, done: RenderedJob, output: str | None) -> dict[str, Any] | None:
+    """Give the rest of the job (assemble, QC, reports, publishing) to a finish-job run on the
+    CPU pool, so this render, and its GPU pod, end now; what the render returns then. None:
+    finish here (inline dispatch, EMO_FINISH_DEPLOYMENT empty, or no such deployment)."""
+    settings = lease.svc.settings
+    if settings.dispatch != "deployment" or not settings.finish_deployment:
+        return None
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    lease.check()
+    try:
+        run = run_deployment(
+            settings.finish_deployment,
+            parameters={"job_id": lease.job_id, "output": output},
+            idempotency_key=f"{lease.job_id}:finish:e{lease.epoch}",
+            timeout=0,
+            tags=[f"batch:{done.job.batch_name}"],
+            as_subflow=False,
+        )
+    except ObjectNotFound:
+        log.warning(
+            "no %s deployment: job %s is finished by its render (`emo deploy` registers it)",
+            settings.finish_deployment,
+            lease.job_id,
+        )
+        return None
+    with lease.svc.sessions() as session:
+        handed = record_finish_run(
+            session=session, job_id=lease.job_id, epoch=lease.epoch, flow_run_id=str(run.id)
+        )
+    if not handed:
+        lease.verify()  # the lease was lost: say so as the render's end
+    log.info("job %s: rendered; finish-job run %s finishes it", lease.job_id, run.id)
+    return {
+        "job_id": lease.job_id,
+        "status": "rendered",
+        "finish_run": str(run.id),
+        "rendered": done.rendered,
+        "segments": len(done.plan.segments),
+    }
 
 
 def _render_here(job_id: str, batch_name: str, output: str | None) -> Outcome:

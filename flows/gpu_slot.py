@@ -36,6 +36,8 @@ class GpuSlotTimeout(EmoError):
 def waiting_message(count: SlotCount) -> str:
     """What a waiting render says: the limit and who holds the slots."""
     jobs = ", ".join(h.describe() for h in count.holders) or "none known"
+    if count.host_full:
+        return f"waiting for a GPU of this host (EMO_HOST_GPU_SLOTS, all in use: jobs {jobs})"
     return f"waiting for a GPU slot ({len(count.holders)} of {count.slots} in use: jobs {jobs})"
 
 
@@ -89,6 +91,7 @@ class GpuSlot:
                 default_slots=self.svc.settings.gpu_slots,
                 is_dead=dead_local_owner,
                 grace_seconds=self.grace_seconds,
+                host_slots=self.svc.settings.host_gpu_slots,
             )
 
     def __enter__(self) -> GpuSlot:

@@ -43,13 +43,14 @@ class JobRecord:
     weights_sha256: str | None  # None: registered before weights were pinned
 
 
-def start_job(lease: JobLease) -> JobRecord:
+def start_job(lease: JobLease, reason: str | None = None) -> JobRecord:
     """Make the job running for this render; what the job is. ``JobCancelled`` if it was
-    cancelled before the render began."""
+    cancelled before the render began. ``reason``: why a running job is taken up again (the
+    event's reason; by default, that its previous run ended without finishing)."""
     with lease.svc.sessions() as session:
         if job_status(session=session, job_id=lease.job_id) is JobStatus.CANCELLED:
             raise JobCancelled(f"job {lease.job_id} is cancelled; nothing to render")
-        row = begin_run(session=session, job_id=lease.job_id, actor=lease.owner)
+        row = begin_run(session=session, job_id=lease.job_id, actor=lease.owner, reason=reason)
         return JobRecord(
             job_id=lease.job_id,
             name=row.name,

@@ -19,6 +19,7 @@ from prefect.cache_policies import NO_CACHE
 from db.jobs import get_job
 from db.segments import store_plan
 from emo import media
+from emo.bundle import read_bundle_info
 from emo.errors import EpochSuperseded, MediaError, SettingsError
 from emo.inputs import portrait_region, prepare_portrait
 from emo.job import JobParams, resolve_params
@@ -28,7 +29,7 @@ from emo.pipeline import EMOPipeline
 from emo.plan import SegmentPlan, plan_change, plan_segments
 from emo.render import check_frame_layout, device_and_dtype, load_pipeline
 from emo.store.base import sha256_file
-from emo.store.weights import bundle_sha256, pinned_bundle, resolve_weights
+from emo.store.weights import bundle_sha256, pinned_bundle, pinned_bundle_info, resolve_weights
 from flows.context import JobLease
 from flows.job_run import JobRecord
 from flows.retry import in_place
@@ -45,6 +46,18 @@ class JobInputs:
     audio_path: Path  # the original track, muxed into the final video
     speeds: np.ndarray  # (frames,) head speed per frame
     scratch: Path
+
+
+@dataclass(frozen=True)
+class ModelCard:
+    """What a job's segments are bound to about the model: its configuration and bundle."""
+
+    config: EMOConfig
+    weights_sha256: str | None  # None: a bundle loaded without a recorded hash
+
+    @classmethod
+    def of(cls, pipeline: EMOPipeline) -> ModelCard:
+        return cls(pipeline.config, pipeline.bundle.sha256 if pipeline.bundle else None)
 
 
 @task(name="load model", cache_policy=NO_CACHE)
@@ -81,6 +94,22 @@ def _load_model(lease: JobLease, weights_sha256: str | None) -> EMOPipeline:
         )
     check_frame_layout(settings, pipeline.config.clip_frames, pipeline.config.motion_frames)
     return pipeline
+
+
+@task(name="read model card", cache_policy=NO_CACHE)
+def read_model_card(lease: JobLease, weights_sha256: str | None) -> ModelCard:
+    """What the job's bundle is (its configuration and hash), read from its ``emo.json``
+    without loading, or downloading, its weights: all a finishing run needs of the model."""
+    settings, store = lease.svc.settings, lease.svc.store
+
+    def read() -> ModelCard:
+        if weights_sha256 is None:
+            info = read_bundle_info(resolve_weights(settings))
+        else:
+            info = pinned_bundle_info(settings, store, weights_sha256)
+        return ModelCard(info.config, info.sha256)
+
+    return in_place(read, lease=lease, what="reading the weights bundle's card")
 
 
 def job_params(lease: JobLease, job: JobRecord, config: EMOConfig) -> JobParams:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +28,7 @@ from emo.outputs import check_assembled, output_prefix, publish_output
 from flows.context import JobLease
 from flows.retry import in_place
 from flows.segments import RenderedJob
+from flows.sidecar import build_sidecar
 
 
 @dataclass(frozen=True)
@@ -166,3 +168,19 @@ def deliver(
         "rendered": done.rendered,
         "segments": len(done.plan.segments),
     }
+
+
+def complete(
+    lease: JobLease, done: RenderedJob, started: float, output: str | None
+) -> dict[str, Any]:
+    """Everything after the segments, in order: assemble -> QC -> the reports -> the job's
+    fenced success -> delivery (``started``: when the run began, for the sidecar)."""
+    final = assemble(lease, done)
+    qc = quality(lease, done)
+    seconds = time.perf_counter() - started
+    sidecar = build_sidecar(
+        done, qc, epoch=lease.epoch, fps=lease.svc.settings.fps, run_seconds=seconds
+    )
+    write_reports(lease, qc, sidecar)
+    finish(lease, final, qc, done.rendered)
+    return deliver(lease, done, final, sidecar, output)

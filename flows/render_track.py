@@ -4,11 +4,13 @@ The flow body is the recipe; each step is a task the Prefect UI shows under the 
 Take the job's lease (its epoch is this render's fencing token) -> load the pinned model ->
 load the inputs (checked against their hashes) -> plan -> take a GPU slot -> each segment in
 order: reuse its verified checkpoint, or render it from the previous segment's motion state
-and record it -> release the GPU (and dispatch the next job) -> assemble -> QC -> write the
-reports -> finish (the job succeeded, fenced by the epoch) -> only then deliver the user's
-copy. However the render ends, ``JobOutcome`` records it; verified checkpoints always stay in
-place. The slot is held only while segments render: loading happens before it (while other
-jobs render, in a run dispatched ahead, ``EMO_DISPATCH_LOOKAHEAD``) and finishing after it.
+and record it -> release the GPU (and dispatch the next job) -> hand the rest to a finish-job
+run on the CPU pool where one is deployed (``flows.finish_job``; the GPU pod ends here), or
+else: assemble -> QC -> write the reports -> finish (the job succeeded, fenced by the epoch)
+-> only then deliver the user's copy. However the render ends, ``JobOutcome`` records it;
+verified checkpoints always stay in place. The slot is held only while segments render:
+loading happens before it (while other jobs render, in a run dispatched ahead,
+``EMO_DISPATCH_LOOKAHEAD``) and finishing after it.
 """
 
 from __future__ import annotations
@@ -22,17 +24,16 @@ from prefect.runtime import flow_run
 from db.fair_share import mark_rendered
 from db.jobs import get_job
 from flows.context import JobLease, services
-from flows.dispatch import admit_next
+from flows.dispatch import admit_next, hand_off
 from flows.gpu_slot import GpuSlot
 from flows.job_run import JobOutcome, check_cancelled, start_job
 from flows.render_inputs import job_params, load_inputs, load_model, plan_job
-from flows.render_output import assemble, deliver, finish, quality, write_reports
+from flows.render_output import complete
 from flows.retry import in_place
-from flows.segments import JobSetup, SegmentLedger, render_segment_task
-from flows.sidecar import build_sidecar
+from flows.segments import JobSetup, ModelCard, SegmentLedger, render_segment_task
 
 
-def _run_name() -> str:
+def job_run_name() -> str:
     job_id = flow_run.parameters.get("job_id", "?")
     try:
         with services().sessions() as session:
@@ -62,11 +63,11 @@ def rendered(lease: JobLease) -> None:
     admit_next(lease.svc, actor=lease.owner)
 
 
-@flow(name="render-track", flow_run_name=_run_name, log_prints=True)
+@flow(name="render-track", flow_run_name=job_run_name, log_prints=True)
 def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
     """Render one job; safe to run again (it resumes from the last verified segment)."""
     svc = services()
-    started, fps = time.perf_counter(), svc.settings.fps
+    started = time.perf_counter()
     try:
         with JobLease(svc, job_id) as lease, JobOutcome(lease) as outcome:
             job = in_place(lambda: start_job(lease), lease=lease, what="starting")
@@ -74,7 +75,7 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
             params = job_params(lease, job, pipeline.config)
             inputs = load_inputs(lease, job, params, pipeline.config.resolution)
             plan = plan_job(lease, inputs.audio, params, pipeline.config.clip_frames)
-            setup = JobSetup(pipeline, params, inputs, plan)
+            setup = JobSetup(ModelCard.of(pipeline), params, inputs, plan, pipeline)
             ledger = SegmentLedger.open(lease, job, setup)
             with gpu_slot(lease):  # the GPU renders segments, and nothing else
                 for segment in plan.segments:
@@ -85,13 +86,7 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
                     )
             rendered(lease)  # the next job may take the GPU while this one finishes
             done = ledger.done()
-            final = assemble(lease, done)
-            qc = quality(lease, done)
-            seconds = time.perf_counter() - started
-            sidecar = build_sidecar(done, qc, epoch=lease.epoch, fps=fps, run_seconds=seconds)
-            write_reports(lease, qc, sidecar)
-            finish(lease, final, qc, done.rendered)
-            outcome.result = deliver(lease, done, final, sidecar, output)
+            outcome.result = hand_off(lease, done, output) or complete(lease, done, started, output)
     finally:
         admit_next(svc, actor="render-track")  # however it ended, its place is free
     return outcome.result

@@ -37,7 +37,7 @@ from emo.store.checkpoint import (
 )
 from flows.context import JobLease
 from flows.job_run import JobRecord, check_cancelled
-from flows.render_inputs import JobInputs
+from flows.render_inputs import JobInputs, ModelCard
 from flows.retry import in_place
 
 
@@ -57,12 +57,14 @@ class RenderedJob:
 
 @dataclass(frozen=True)
 class JobSetup:
-    """What every segment of a job renders with."""
+    """What every segment of a job renders with (``pipeline``: None where nothing renders,
+    as in a finishing run, which only checks the segments)."""
 
-    pipeline: EMOPipeline
+    model: ModelCard
     params: JobParams
     inputs: JobInputs
     plan: SegmentPlan
+    pipeline: EMOPipeline | None = None
 
 
 @dataclass
@@ -89,8 +91,7 @@ class SegmentLedger:
 
     @property
     def weights_sha256(self) -> str | None:
-        bundle = self.setup.pipeline.bundle
-        return bundle.sha256 if bundle else None
+        return self.setup.model.weights_sha256
 
     @property
     def previous(self) -> SegmentCheckpoint | None:
@@ -109,7 +110,7 @@ class SegmentLedger:
             setup.plan,
             segment,
             setup.params,
-            setup.pipeline.config,
+            setup.model.config,
             self.weights_sha256,
             self.previous,
         )
@@ -156,7 +157,7 @@ class SegmentLedger:
             checkpoints=list(self.checkpoints),
             rendered=self.rendered,
             weights_sha256=self.weights_sha256,
-            model_config=setup.pipeline.config.name,
+            model_config=setup.model.config.name,
         )
 
     def add(self, checkpoint: SegmentCheckpoint) -> None:
@@ -282,6 +283,8 @@ def _render(
             report(clip, step, steps)
 
     inputs = setup.inputs
+    if setup.pipeline is None:
+        raise RuntimeError("a setup without a model cannot render")  # a finishing run's
     return render_segment(
         setup.pipeline,
         portrait=inputs.portrait,

@@ -27,10 +27,10 @@ from prefect import flow, task
 from prefect.artifacts import create_table_artifact
 from prefect.cache_policies import NO_CACHE
 from prefect.runtime import deployment, flow_run
-from prefect.states import State
 
 from db.batches import BatchShare, JobSpec, find_batch, register_batch, set_output_dir
 from db.dispatch import record_submit_run
+from db.jobs import job_statuses
 from db.models import Batch, Job, JobStatus
 from emo import media
 from emo.confine import input_problem
@@ -371,7 +371,12 @@ def dispatch(
     svc: Services, batch_name: str, job_ids: list[str], output_dir: str | None
 ) -> dict[str, str]:
     """Render the jobs that need it (``flows.dispatch.settle``: a job already rendering or
-    waiting for its run keeps it) and wait for their runs; job id -> how its run ended."""
+    waiting for its run keeps it) and wait until each has ended; job id -> how it ended.
+
+    Inline, each is rendered here in turn. With deployments, jobs held back by fair sharing are
+    dispatched as GPUs free up (by the renders that free them, or here), a job's render may
+    hand it to a finish-job run, and a run that died is replaced, as the sweep would: so this
+    waits for the jobs, not for their first runs."""
     outcomes = settle(
         svc,
         job_ids,
@@ -381,38 +386,17 @@ def dispatch(
         eager=True,
         linked=True,
     )
-    result: dict[str, str] = {}
-    runs: dict[str, str] = {}
+    if svc.settings.dispatch == "inline":
+        return {o.job_id: o.detail or o.action for o in outcomes}
+    tracked = [o.job_id for o in outcomes]
     while True:
-        for outcome in outcomes:
-            if outcome.flow_run_id is not None:
-                runs[outcome.job_id] = outcome.flow_run_id
-            elif outcome.action not in ("alive", "held"):
-                result[outcome.job_id] = outcome.detail or outcome.action
-        for job_id, run_id in runs.items():
-            state = _final_state(run_id) if job_id not in result else None
-            if state is not None:
-                result[job_id] = state.name
-        waiting = {o.job_id for o in outcomes if o.action in ("alive", "held")}
-        pending = sorted((waiting | set(runs)) - set(result))
+        with svc.sessions() as session:
+            statuses = job_statuses(session=session, job_ids=tracked)
+        pending = [j for j in tracked if statuses[j] in (JobStatus.QUEUED, JobStatus.RUNNING)]
         if not pending:
-            return result
+            return {job_id: statuses[job_id].value for job_id in tracked}
         time.sleep(DISPATCH_POLL_SECONDS)
-        # Jobs held back by fair sharing are dispatched as GPUs free up (by the renders that
-        # free them, or here); a run that died is replaced, as the sweep would.
-        outcomes = settle(
-            svc, pending, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, linked=True
-        )
-
-
-def _final_state(run_id: str) -> State | None:
-    """The run's final state, or None while it is not final (``run_deployment`` does not raise
-    on failure)."""
-    from prefect.client.orchestration import get_client
-
-    with get_client(sync_client=True) as client:
-        state = client.read_flow_run(run_id).state
-    return state if state is not None and state.is_final() else None
+        settle(svc, pending, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, linked=True)
 
 
 def content_key(manifest_sha256: str, fetched: list[FetchedInputs | str]) -> str:

@@ -15,12 +15,16 @@ import shutil
 import time
 import uuid
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlparse
 
 from emo.errors import SettingsError
 from emo.settings import Settings
 from emo.store import ObjectStore, open_store
 from emo.store.base import is_fresh
+
+if TYPE_CHECKING:
+    from emo.bundle import BundleInfo
 
 SHIPPED_DEMO = Path(__file__).resolve().parents[1] / "weights" / "demo"  # make demo-model
 
@@ -106,6 +110,34 @@ def pinned_bundle(settings: Settings, store: ObjectStore, sha: str) -> Path:
     _download_bundle(store, prefix, local)
     read_bundle_info(local)
     return local
+
+
+def pinned_bundle_info(settings: Settings, store: ObjectStore, sha: str) -> BundleInfo:
+    """What the bundle whose hash is ``sha`` is (its ``emo.json``), without its weights: from
+    a local copy if there is one, else from the store's pinned copy (a finishing run on a CPU
+    node needs the configuration, not gigabytes of weights)."""
+    from emo.bundle import BUNDLE_FILE, parse_bundle_info, read_bundle_info
+
+    configured = settings.weights
+    local = settings.home / "weights" / "cache" / sha
+    candidates = [SHIPPED_DEMO, local]
+    if configured and not configured.startswith("s3:"):
+        candidates.insert(0, Path(configured))
+    for candidate in candidates:
+        if (candidate / BUNDLE_FILE).is_file():
+            info = read_bundle_info(candidate)
+            if info.sha256 == sha:
+                return info
+    prefix = f"{BUNDLES_PREFIX}/{sha}/"
+    if not store.exists(prefix + BUNDLE_FILE):
+        return read_bundle_info(pinned_bundle(settings, store, sha))  # its error names the fix
+    info = parse_bundle_info(store.get_bytes(prefix + BUNDLE_FILE).decode(), local)
+    if info.sha256 != sha:
+        raise SettingsError(
+            f"the store's copy of weights bundle {sha[:12]} records {info.sha256[:12]}; "
+            "the store was altered: `emo resume JOB --new-weights` renders the job again"
+        )
+    return info
 
 
 def _cached_remote_bundle(uri: str, settings: Settings) -> Path:

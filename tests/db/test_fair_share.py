@@ -12,7 +12,7 @@ from db.fair_share import Claim, Share, admit_jobs, fair_picks, mark_rendered
 from db.gpu_slots import release_gpu_slot, take_gpu_slot
 from db.jobs import transition_job
 from db.leases import acquire_lease
-from db.models import Event, Job, JobStatus, utcnow
+from db.models import Event, Job, JobStatus, Lease, utcnow
 
 T0 = datetime(2026, 12, 7, 12, tzinfo=UTC)
 
@@ -159,3 +159,30 @@ def test_a_waiter_that_lost_its_lease_does_not_hold_a_free_slot_back(session) ->
     assert not _take(session, b, "gone:1", long_ago)  # it waited, then died with its lease
     assert release_gpu_slot(session=session, job_id=a[1], owner="r1:1")
     assert _take(session, a[2], "r2:1", utcnow())  # b's claim lapsed with its lease
+
+
+def test_a_host_never_holds_more_slots_than_its_gpus(session) -> None:
+    jobs = _batch(session, "ws", 3)
+    owners = ["ws1:10:a", "ws1:11:b", "ws2:10:c"]
+    for job_id, owner in zip(jobs, owners, strict=True):
+        _lease(session, job_id, owner)
+    now = utcnow()
+
+    def take(n: int):
+        return take_gpu_slot(
+            session=session,
+            job_id=jobs[n],
+            owner=owners[n],
+            default_slots=3,
+            is_dead=lambda owner: False,
+            now=now,
+            host_slots=1,
+        )
+
+    assert take(0).acquired
+    refused = take(1)  # ws1's one GPU is busy, though the farm has free slots
+    assert not refused.acquired and refused.host_full
+    assert session.get(Lease, jobs[1], populate_existing=True).gpu_wanted_at is None
+    assert take(2).acquired  # ws1's waiting run holds nothing back on ws2
+    assert release_gpu_slot(session=session, job_id=jobs[0], owner=owners[0])
+    assert take(1).acquired

@@ -32,12 +32,13 @@ def test_emo_deploy_registers_pools_deployments_schedule_and_automation(
     for _ in range(2):  # the second run updates what the first made
         done = run_emo("deploy", "--project", str(ROOT), env=env, timeout=600)
         assert done.returncode == 0, done.stdout + done.stderr
-    assert "deployments: render-track, submit-batch, nightly" in done.stdout
+    assert "deployments: render-track, finish-job, submit-batch, nightly" in done.stdout
     assert "nightly runs at 02:00 Europe/London" in done.stdout
 
     with get_client(sync_client=True) as client:
         pools = {name: client.read_work_pool(name) for name in ("gpu", "cpu")}
         render = client.read_deployment_by_name("render-track/render-track")
+        finish = client.read_deployment_by_name("finish-job/finish-job")
         submit = client.read_deployment_by_name("submit-batch/submit-batch")
         nightly = client.read_deployment_by_name("nightly/nightly")
         automations = client.read_automations_by_name("emo-crash-zombie-flow-runs")
@@ -52,6 +53,9 @@ def test_emo_deploy_registers_pools_deployments_schedule_and_automation(
         "cpu",
     )
     assert render.job_variables["image"] == IMAGE and render.job_variables["gpu_count"] == 1
+    # Finishing (assembly, QC, publishing) runs on the CPU pool, with no GPU asked for.
+    assert finish.work_pool_name == "cpu" and "gpu_count" not in finish.job_variables
+    assert set(finish.parameter_openapi_schema["properties"]) == {"job_id", "output"}
     assert nightly.job_variables["image"] == IMAGE
     for deployment in (render, submit, nightly):  # Jobs go to the workers' namespace
         assert deployment.job_variables["namespace"] == "emo-dev"

@@ -59,6 +59,11 @@ def _fresh(age: float = 10) -> DispatchView:
     )
 
 
+def _done() -> DispatchView:
+    """A running job whose segments are rendered, with no lease: its render has ended."""
+    return replace(_view(JobStatus.RUNNING), rendered=True)
+
+
 def _run(state: StateType | None, age: float = 3600) -> RunInfo:
     return RunInfo(state, NOW - timedelta(seconds=age) if state else None)
 
@@ -91,6 +96,15 @@ def _run(state: StateType | None, age: float = 3600) -> RunInfo:
         (_view(JobStatus.RUNNING, live=True), _run(StateType.CRASHED), False, Verdict.ALIVE),
         # A cancel the render never heard of (its worker dead): cancelled, lease or not.
         (_view(JobStatus.RUNNING, live=True), _run(StateType.CANCELLED), False, Verdict.CANCELLED),
+        # Rendered and handed to a finish-job run: that run is judged, not the missing lease.
+        (_done(), _run(StateType.SCHEDULED), False, Verdict.ALIVE),  # waits for a CPU worker
+        (_done(), _run(StateType.PENDING, age=600), False, Verdict.ALIVE),  # its pod starts
+        (_done(), _run(StateType.RUNNING, age=10), False, Verdict.ALIVE),  # taking the lease
+        (_done(), _run(StateType.RUNNING), False, Verdict.GONE),  # no lease long after
+        (_done(), _run(StateType.CRASHED), False, Verdict.GONE),
+        (_done(), _run(StateType.COMPLETED), False, Verdict.GONE),  # ended without finishing
+        (_done(), None, False, Verdict.GONE),  # inline: nothing is handed over
+        (_view(JobStatus.RUNNING), _run(StateType.SCHEDULED), False, Verdict.GONE),  # unrendered
         (_view(), None, False, Verdict.GONE),  # inline: no run to ask, dispatched long ago
         (_view(age=10), None, False, Verdict.ALIVE),
         (_view(age=10), None, True, Verdict.GONE),  # inline: a user's command renders now
