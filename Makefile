@@ -6,7 +6,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: demo test test-fast lint bench services clean demo-model chaos
+.PHONY: demo test test-fast lint bench services clean demo-model chaos farm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ bench: $(STAMP) services
 SEED ?= 1
 chaos: $(STAMP) services
 	$(BIN)/python bench/chaos.py --seed $(SEED) --json chaos-$(SEED).json
+
+# GPU time on the farm: slot use and sharing between batches (bench/farm.py; figures in
+# README.md). BEFORE=REV also measures that commit first, on a farm of its own.
+farm: $(STAMP) services
+	$(BIN)/python bench/farm.py $(if $(BEFORE),--before $(BEFORE)) --json farm.json
 
 clean:
 	rm -rf $(VENV) .pytest_cache

@@ -80,7 +80,13 @@ def retryable_failed(*, session: Session) -> list[str]:
 
 
 def begin_dispatch(
-    *, session: Session, job_id: str, generation: int, actor: str, reason: str
+    *,
+    session: Session,
+    job_id: str,
+    generation: int,
+    actor: str,
+    reason: str,
+    rendered: bool = False,
 ) -> int | None:
     """Claim the next dispatch of a queued or running job: its generation goes from
     ``generation`` to the next, returned. None (nothing written) if the job moved on meanwhile
@@ -89,9 +95,34 @@ def begin_dispatch(
     if job.dispatch_generation != generation or job.status not in WAITING:
         session.rollback()
         return None
+    rendered_at = job.rendered_at
     mark_dispatched(session=session, job=job, actor=actor, reason=reason)
+    if rendered:  # a finishing run: the job still needs no GPU
+        job.rendered_at = rendered_at
     session.commit()
     return job.dispatch_generation
+
+
+def hold_again(*, session: Session, job_id: str, generation: int, actor: str, reason: str) -> bool:
+    """Put a waiting job whose run is gone back among the held jobs (undispatched), so
+    admission gives it its next run in the fair order; False (nothing written) if the job
+    moved on meanwhile (compare-and-set on its generation, as ``begin_dispatch``)."""
+    job = get_job(session=session, job_id=job_id, lock=True)
+    if job.dispatch_generation != generation or job.status not in WAITING:
+        session.rollback()
+        return False
+    job.flow_run_id = job.dispatched_at = job.rendered_at = None
+    record_event(
+        session=session,
+        actor=actor,
+        kind="job.held",
+        batch_id=job.batch_id,
+        job_id=job.id,
+        reason=reason,
+        detail={"generation": job.dispatch_generation},
+    )
+    session.commit()
+    return True
 
 
 def mark_dispatched(

@@ -107,14 +107,13 @@ def active_by_batch(*, session: Session) -> Counter[str]:
 
 
 def held_claims(*, session: Session) -> list[Claim]:
-    """Queued jobs never dispatched, as claims for admission (locked: an admission at a time
-    picks among them)."""
+    """Queued jobs never dispatched, as claims for admission (unlocked: admissions take turns
+    on the GPU limit row, and each pick is locked and checked again when it is dispatched)."""
     rows = session.execute(
         select(Job, Batch)
         .join(Batch, Batch.id == Job.batch_id)
         .where(Job.status == JobStatus.QUEUED, Job.dispatched_at.is_(None))
         .order_by(Job.id)
-        .with_for_update(of=Job)
     )
     return [
         Claim(job.id, batch.id, Share.of(batch), job.priority, job.created_at)
@@ -135,7 +134,9 @@ def admit_jobs(
     picks = fair_picks(claims, active, capacity - sum(active.values()))
     admitted = []
     for job_id in picks:
-        job = session.get(Job, job_id)
+        job = session.get(Job, job_id, with_for_update=True, populate_existing=True)
+        if job.status is not JobStatus.QUEUED or job.dispatched_at is not None:
+            continue  # cancelled or dispatched since it was read
         mark_dispatched(session=session, job=job, actor=actor, reason=REASON, now=now)
         admitted.append((job.id, job.dispatch_generation))
     session.commit()

@@ -82,7 +82,7 @@ def take_lease(
         )
         lease.acquired_at = now
         # The old holder's GPU slot dies with its lease; the new owner takes one of its own.
-        lease.gpu_since, lease.progress_at = None, None
+        lease.gpu_since = lease.progress_at = lease.gpu_wanted_at = None
     else:
         record_event(session=session, actor=owner, kind="lease.reacquired", job_id=job_id)
     lease.owner, lease.heartbeat_at, lease.expires_at = owner, now, expires

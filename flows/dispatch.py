@@ -36,6 +36,7 @@ from prefect.client.schemas.objects import StateType
 from db.dispatch import (
     DispatchView,
     begin_dispatch,
+    hold_again,
     record_finish_run,
     record_run,
     waiting_jobs,
@@ -203,37 +204,46 @@ def settle(
     if inline:
         return outcomes
     mine = set(job_ids) if job_ids is not None else None
-    admitted = {
-        o.job_id: o
-        for o in admit(svc, actor=actor, linked=mine if linked else set(), output_dir=output_dir)
-    }
-    outcomes = [admitted.pop(o.job_id, o) for o in outcomes]
+    admitted = {o.job_id: o for o in admit(svc, actor=actor, linked=mine if linked else set())}
+    outcomes = [
+        replace(admitted.pop(o.job_id), crashed=o.crashed) if o.job_id in admitted else o
+        for o in outcomes
+    ]
     return outcomes + [o for o in admitted.values() if mine is None]
 
 
-def admit(
-    svc: Services, *, actor: str, linked: set[str] | None = None, output_dir: str | None = None
-) -> list[Outcome]:
+def admit(svc: Services, *, actor: str, linked: set[str] | None = None) -> list[Outcome]:
     """Dispatch the held jobs fair sharing lets through now (``db.fair_share``): as many as the
     GPU slots plus ``EMO_DISPATCH_LOOKAHEAD`` leave room for. Runs of jobs in ``linked`` (all
-    when None) are children of the calling flow run. Nothing to do inline."""
+    when None) are children of the calling flow run. Each publishes to its own batch's folder.
+    If Prefect refuses a run, the jobs not yet started are held again (the one refused keeps
+    its dispatch: the sweep issues it again under its key). Nothing to do inline."""
     if svc.settings.dispatch == "inline":
         return []
     with svc.sessions() as session:
         slots = lock_gpu_limit(session=session, default_slots=svc.settings.gpu_slots, actor=actor)
         capacity = slots + svc.settings.dispatch_lookahead
         picked = admit_jobs(session=session, capacity=capacity, actor=actor)
-    return [
-        _start_run(
-            svc,
-            job_id,
-            generation,
-            actor=actor,
-            output_dir=output_dir,
-            linked=linked is None or job_id in linked,
-        )
-        for job_id, generation in picked
-    ]
+    outcomes = []
+    for n, (job_id, generation) in enumerate(picked):
+        try:
+            outcomes.append(
+                _start_run(
+                    svc, job_id, generation, actor, linked=linked is None or job_id in linked
+                )
+            )
+        except Exception:
+            for later, later_generation in picked[n + 1 :]:
+                with svc.sessions() as session:
+                    hold_again(
+                        session=session,
+                        job_id=later,
+                        generation=later_generation,
+                        actor=actor,
+                        reason="its dispatch was interrupted before its run was made",
+                    )
+            raise
+    return outcomes
 
 
 def admit_next(svc: Services, actor: str) -> None:
@@ -292,6 +302,19 @@ def _redispatch(
                 return Outcome(view.job_id, "exhausted", view.flow_run_id, str(error), True)
     # A dispatch whose run was never recorded is issued again under its own generation.
     reissue = not (inline or crashed) and view.dispatched_at is not None and not view.flow_run_id
+    if not (inline or reissue or view.rendered):
+        # Back in the queue, unrendered: admission gives it its next run in the fair order.
+        with svc.sessions() as session:
+            held = hold_again(
+                session=session,
+                job_id=view.job_id,
+                generation=view.generation,
+                actor=actor,
+                reason="its run is gone" if view.dispatched_at else "first dispatch",
+            )
+        if not held:
+            return Outcome(view.job_id, "alive", None, "dispatched by another sweep or submit")
+        return Outcome(view.job_id, "held", None, "waiting its turn for a GPU", crashed)
     with svc.sessions() as session:
         generation = (
             view.generation
@@ -301,7 +324,8 @@ def _redispatch(
                 job_id=view.job_id,
                 generation=view.generation,
                 actor=actor,
-                reason="its render run is gone" if view.dispatched_at else "first dispatch",
+                reason="its run is gone",
+                rendered=view.rendered,
             )
         )
         job = get_job(session=session, job_id=view.job_id)
@@ -312,25 +336,48 @@ def _redispatch(
     fault_point("dispatch.claimed")
     if inline:
         return replace(_render_here(view.job_id, name, output), crashed=crashed)
+    if view.rendered:  # its segments are rendered: only its finishing is left to do
+        run_id = _finish_run(svc, view.job_id, generation, name, output)
+        if run_id is not None:
+            return Outcome(view.job_id, "dispatched", run_id, "to finish-job", crashed)
     run_id = _make_run(svc, view.job_id, generation, weights, name, output, linked)
     return Outcome(view.job_id, "dispatched", run_id, f"generation {generation}", crashed)
 
 
-def _start_run(
-    svc: Services,
-    job_id: str,
-    generation: int,
-    *,
-    actor: str,
-    output_dir: str | None,
-    linked: bool,
-) -> Outcome:
+def _finish_run(
+    svc: Services, job_id: str, generation: int, batch_name: str, output: str | None
+) -> str | None:
+    """A finish-job run for a rendered job whose finishing died, recorded as its run; None if
+    there is no finish deployment (a render run then finishes it)."""
+    from prefect.deployments import run_deployment
+    from prefect.exceptions import ObjectNotFound
+
+    deployment = svc.settings.finish_deployment
+    if not deployment:
+        return None
+    try:
+        run = run_deployment(
+            deployment,
+            parameters={"job_id": job_id, "output": output},
+            idempotency_key=f"{job_id}:finish:g{generation}",
+            timeout=0,
+            tags=[f"batch:{batch_name}"],
+            as_subflow=False,
+        )
+    except ObjectNotFound:
+        return None
+    with svc.sessions() as session:
+        record_run(session=session, job_id=job_id, generation=generation, flow_run_id=str(run.id))
+    return str(run.id)
+
+
+def _start_run(svc: Services, job_id: str, generation: int, actor: str, *, linked: bool) -> Outcome:
     """The render run of a job admission dispatched, unless its batch was cancelled in Prefect
     meanwhile (then the job is cancelled instead)."""
     with svc.sessions() as session:
         job = get_job(session=session, job_id=job_id)
         weights, name, batch_run = job.weights_sha256, job.batch.name, job.batch.submit_run_id
-        output = _output_path(job.name, job.params, output_dir or job.batch.output_dir)
+        output = _output_path(job.name, job.params, job.batch.output_dir)
         view = DispatchView(
             job_id,
             f"{name}/{job.name}",
@@ -387,7 +434,7 @@ def hand_off(lease: JobLease, done: RenderedJob, output: str | None) -> dict[str
     from prefect.deployments import run_deployment
     from prefect.exceptions import ObjectNotFound
 
-    lease.check()
+    lease.verify()  # a render that lost its job hands nothing over
     try:
         run = run_deployment(
             settings.finish_deployment,
@@ -403,6 +450,9 @@ def hand_off(lease: JobLease, done: RenderedJob, output: str | None) -> dict[str
             settings.finish_deployment,
             lease.job_id,
         )
+        return None
+    except Exception as error:  # noqa: BLE001 (Prefect unreachable: finish here, not fail)
+        log.warning("job %s: handing over failed (%s); its render finishes it", lease.job_id, error)
         return None
     with lease.svc.sessions() as session:
         handed = record_finish_run(

@@ -64,7 +64,8 @@ class GpuSlot:
 
     ``grace_seconds``: how long after its lease's expiry a silent holder's slot is taken (it
     stops itself at the expiry). ``on_wait`` runs before every request and may raise to stop
-    waiting (a cancelled job).
+    waiting (a cancelled job). ``lazy``: the slot is taken by ``take()`` (a render whose
+    segments are all checkpointed already never takes one), not on entering.
     """
 
     def __init__(
@@ -76,11 +77,13 @@ class GpuSlot:
         grace_seconds: float = 0.0,
         on_wait: Callable[[], None] = lambda: None,
         poll_seconds: float = POLL_SECONDS,
+        lazy: bool = False,
     ) -> None:
         self.svc, self.lease = svc, lease
         self.wait_seconds, self.grace_seconds = wait_seconds, grace_seconds
         self.on_wait, self.poll_seconds = on_wait, poll_seconds
         self.held = False
+        self.lazy = lazy  # taken at the first ``take()``, not on entering
 
     def _ask(self) -> SlotCount:
         with self.svc.sessions() as session:
@@ -95,6 +98,14 @@ class GpuSlot:
             )
 
     def __enter__(self) -> GpuSlot:
+        if not self.lazy:
+            self.take()
+        return self
+
+    def take(self) -> None:
+        """Wait for a slot, unless this render holds one already."""
+        if self.held:
+            return
         mark, since = None, time.monotonic()
         while True:
             self.lease.check()
@@ -118,7 +129,6 @@ class GpuSlot:
             time.sleep(self.poll_seconds)
         self.held = self.lease.gpu_held = True
         self._check_setting(count.slots)
-        return self
 
     def _check_setting(self, stored: int) -> None:
         settings = self.svc.settings

@@ -52,6 +52,7 @@ def gpu_slot(lease: JobLease) -> GpuSlot:
         wait_seconds=settings.slot_wait_seconds,
         grace_seconds=settings.heartbeat_seconds,
         on_wait=lambda: check_cancelled(lease),
+        lazy=True,
     )
 
 
@@ -77,13 +78,16 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
             plan = plan_job(lease, inputs.audio, params, pipeline.config.clip_frames)
             setup = JobSetup(ModelCard.of(pipeline), params, inputs, plan, pipeline)
             ledger = SegmentLedger.open(lease, job, setup)
-            with gpu_slot(lease):  # the GPU renders segments, and nothing else
+            with gpu_slot(lease) as gpu:  # the GPU renders segments, and nothing else
                 for segment in plan.segments:
                     binding = ledger.binding(segment)
-                    ledger.add(
-                        ledger.reusable(segment, binding)
-                        or render_segment_task(lease, setup, segment, ledger.previous, binding)
-                    )
+                    checkpoint = ledger.reusable(segment, binding)
+                    if checkpoint is None:
+                        gpu.take()  # at the first segment to render, then until the last
+                        checkpoint = render_segment_task(
+                            lease, setup, segment, ledger.previous, binding
+                        )
+                    ledger.add(checkpoint)
             rendered(lease)  # the next job may take the GPU while this one finishes
             done = ledger.done()
             outcome.result = hand_off(lease, done, output) or complete(lease, done, started, output)

@@ -54,7 +54,7 @@ from flows.dispatch import settle
 
 log = logging.getLogger(__name__)
 ACTOR = "submit-batch"
-DISPATCH_POLL_SECONDS = 5.0  # how often a waiting submit looks at its runs and held jobs
+DISPATCH_POLL_SECONDS = 10.0  # how often a waiting submit looks at its jobs and their runs
 
 
 @dataclass(frozen=True)
@@ -396,7 +396,12 @@ def dispatch(
         if not pending:
             return {job_id: statuses[job_id].value for job_id in tracked}
         time.sleep(DISPATCH_POLL_SECONDS)
-        settle(svc, pending, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, linked=True)
+        try:
+            settle(
+                svc, pending, actor=ACTOR, batch_name=batch_name, output_dir=output_dir, linked=True
+            )
+        except Exception as error:  # noqa: BLE001 (Prefect or the database blinked: next round)
+            log.warning("dispatching batch %s: %s; trying again", batch_name, error)
 
 
 def content_key(manifest_sha256: str, fetched: list[FetchedInputs | str]) -> str:

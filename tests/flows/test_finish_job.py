@@ -142,3 +142,28 @@ def test_without_a_finish_deployment_the_render_finishes_the_job(
     )
     job_id = registered["jobs"]["here"]
     assert render_track(job_id=job_id)["status"] == "succeeded"
+
+
+def test_a_finish_run_that_died_is_replaced_by_another_finish_run(
+    deployed: Studio, tmp_path: Path
+) -> None:
+    from prefect.client.orchestration import get_client
+    from prefect.states import Crashed
+
+    studio = deployed
+    registered = submit_batch(
+        manifest=str(manifest(tmp_path / "again.yaml", studio, ["again"], steps=2)), render=False
+    )
+    job_id = registered["jobs"]["again"]
+    first = render_track(job_id=job_id)["finish_run"]
+    with get_client(sync_client=True) as client:  # its pod was lost before it took the job
+        client.set_flow_run_state(first, Crashed(message="node lost"), force=True)
+    swept = sweep()
+    assert swept["crashed"] == [job_id]
+    second = swept["runs"][job_id]
+    run, deployment = _flow_run(second)
+    assert second != first and deployment == "finish-job"  # not a render: nothing to render
+    with _session(studio) as session:
+        job = session.get(Job, job_id)
+        assert job.status is JobStatus.QUEUED and job.attempt == 1 and job.rendered_at
+    assert finish_job(job_id=job_id)["status"] == "succeeded"

@@ -213,7 +213,7 @@ def _give_back(studio: Studio, job_id: str, owner: str = "other-host:1:usurper")
 def test_a_displaced_render_cannot_record_or_publish_and_its_work_is_adopted(
     studio: Studio, tmp_path: Path, api: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    import flows.render_track as flow
+    import flows.render_output as flow  # the steps after the segments
     import flows.segments as segments
 
     # The heartbeat (every 20 s) will not notice the take-over: only the fencing stops it.
