@@ -7,7 +7,7 @@ database's events it measures:
 
 - ``slot_model_fraction``: model time (segments' ``model_seconds``; ``render_seconds``, the
   segment's whole work, for code that does not record it) over slot-held time (``gpu.acquired``
-  to ``gpu.released``);
+  to ``gpu.released``); ``slot_segment_fraction``: the segments' whole work over it, for both;
 - ``makespan_ratio``: first submit to last job finished, over the ideal (model time / slots);
 - ``second_batch_wait_seconds``: its submit to its first slot;
 - ``second_batch_share``: its share of slot-held time while both batches had work (the promise
@@ -199,6 +199,7 @@ def measure(farm: Farm, submitted: dict[str, float]) -> dict[str, Any]:
     measured = all(d.get("model_seconds") is not None for _, d in details)
     key = "model_seconds" if measured else "render_seconds"
     model = {name: sum(d[key] for b, d in details if b == name) for name in submitted}
+    segment_work = sum(d["render_seconds"] for _, d in details)
     finished = dict(
         _rows(
             farm,
@@ -226,6 +227,9 @@ def measure(farm: Farm, submitted: dict[str, float]) -> dict[str, Any]:
         "model_seconds": round(sum(model.values()), 1),
         "slot_held_seconds": round(held, 1),
         "slot_model_fraction": round(sum(model.values()) / held, 3),
+        # The segments' whole work (model, encoding, motion state) over slot time: what code
+        # that does not record model time can be compared on.
+        "slot_segment_fraction": round(segment_work / held, 3),
         "makespan_seconds": round(makespan, 1),
         "ideal_seconds": round(ideal, 1),
         "makespan_ratio": round(makespan / ideal, 2),

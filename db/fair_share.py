@@ -121,17 +121,42 @@ def held_claims(*, session: Session) -> list[Claim]:
     ]
 
 
+def first_picks(
+    claims: list[Claim], active: Mapping[str, int], picks: list[str], room: int
+) -> list[str]:
+    """Beyond the places: the first job of each batch with nothing dispatched, up to ``room``
+    of them, in the fair order. Such a job loads while the GPUs render and waits for a slot,
+    which fair sharing gives it next, so a batch submitted behind a long one waits for the
+    next free slot, not for a place and then a slot."""
+    taken = set(picks)
+    served = {claim.batch_id for claim in claims if claim.job_id in taken}
+    heads: dict[str, Claim] = {}
+    for claim in sorted(claims, key=_claim_key):
+        if active.get(claim.batch_id, 0) == 0 and claim.batch_id not in served:
+            heads.setdefault(claim.batch_id, claim)
+    return fair_picks(heads.values(), {}, room)
+
+
 def admit_jobs(
-    *, session: Session, capacity: int, actor: str, now: datetime | None = None
+    *,
+    session: Session,
+    capacity: int,
+    actor: str,
+    now: datetime | None = None,
+    first_room: int = 0,
 ) -> list[tuple[str, int]]:
     """Dispatch, in the fair order, as many held jobs as ``capacity`` (GPU slots plus the
-    look-ahead) leaves room for; commits. Returns ``(job id, dispatch generation)`` of each:
-    the caller makes their render runs (a dispatch whose run is never made is made by the
-    sweep, as any other). The caller holds the GPU limit row locked, so admissions take turns."""
+    look-ahead) leaves room for, and beyond it the first job of batches with nothing
+    dispatched while fewer than ``first_room`` such jobs are over it (``first_picks``);
+    commits. Returns ``(job id, dispatch generation)`` of each: the caller makes their render
+    runs (a dispatch whose run is never made is made by the sweep, as any other). The caller
+    holds the GPU limit row locked, so admissions take turns."""
     now = now or utcnow()
     active = active_by_batch(session=session)
     claims = held_claims(session=session)
     picks = fair_picks(claims, active, capacity - sum(active.values()))
+    over = sum(active.values()) + len(picks) - capacity
+    picks += first_picks(claims, active, picks, first_room - max(0, over))
     admitted = []
     for job_id in picks:
         job = session.get(Job, job_id, with_for_update=True, populate_existing=True)

@@ -223,7 +223,7 @@ def admit(svc: Services, *, actor: str, linked: set[str] | None = None) -> list[
     with svc.sessions() as session:
         slots = lock_gpu_limit(session=session, default_slots=svc.settings.gpu_slots, actor=actor)
         capacity = slots + svc.settings.dispatch_lookahead
-        picked = admit_jobs(session=session, capacity=capacity, actor=actor)
+        picked = admit_jobs(session=session, capacity=capacity, actor=actor, first_room=slots)
     outcomes = []
     for n, (job_id, generation) in enumerate(picked):
         try:

@@ -186,3 +186,21 @@ def test_a_host_never_holds_more_slots_than_its_gpus(session) -> None:
     assert take(2).acquired  # ws1's waiting run holds nothing back on ws2
     assert release_gpu_slot(session=session, job_id=jobs[0], owner=owners[0])
     assert take(1).acquired
+
+
+def test_a_batch_with_nothing_dispatched_gets_its_first_job_beyond_the_places(session) -> None:
+    big = _batch(session, "big", 12)
+    assert _admitted(session, capacity=4) == big[:4]
+    small = _batch(session, "small", 3)
+    tiny = _batch(session, "tiny", 1)
+
+    def admit(room: int) -> list[str]:
+        picked = admit_jobs(session=session, capacity=4, actor="t", first_room=room)
+        return [job_id for job_id, _ in picked]
+
+    # Full, but small and tiny have nothing dispatched: one job each loads and waits for the
+    # next slot, at most ``first_room`` over the places; no batch's second job goes over.
+    assert admit(room=1) == [small[0]]
+    assert admit(room=1) == []  # one over already
+    assert admit(room=2) == [tiny[0]]
+    assert admit(room=5) == []  # every batch has a job dispatched
