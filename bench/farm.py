@@ -16,12 +16,13 @@ database's events it measures:
 
 Each setting is one farm, run one after the other in the same invocation:
 
-- ``fair`` (this checkout): fair sharing, ``EMO_DISPATCH_LOOKAHEAD=2`` and GPU workers taking
-  two runs each, so the next job loads while the slot renders and finishes after it;
+- ``fair`` (this checkout): fair sharing, ``EMO_DISPATCH_LOOKAHEAD=1`` (``--lookahead``) and
+  GPU workers taking two runs each: a job loads while the slots render, a batch's first job
+  finds a worker at once, and jobs finish on the CPU pool;
 - ``before`` (``--before REV``, a commit of this repository checked out beside it): every job
   dispatched at submit in Prefect's first-come order, each GPU worker one run at a time.
 
-    python bench/farm.py [--before REV] [--json FILE] [--steps N] [--late S] [--keep]
+    python bench/farm.py [--before REV] [--lookahead N] [--json FILE] [--steps N] [--late S]
 """
 
 from __future__ import annotations
@@ -266,6 +267,9 @@ def main() -> int:
     parser.add_argument("--steps", type=int, default=8, help="denoising steps per clip")
     parser.add_argument("--seconds", type=float, default=2.0, help="track length per job")
     parser.add_argument("--late", type=float, default=30.0, help="second batch's delay")
+    parser.add_argument(
+        "--lookahead", type=int, default=1, help="EMO_DISPATCH_LOOKAHEAD of the fair farm"
+    )
     parser.add_argument("--json", type=Path, default=None)
     args = parser.parse_args()
     signal.signal(signal.SIGTERM, _interrupt)
@@ -273,7 +277,7 @@ def main() -> int:
     before = checkout(args.before) if args.before else None
     if before is not None:
         settings.append(Setting("before", before, {}, 1))
-    settings.append(Setting("fair", ROOT, {"EMO_DISPATCH_LOOKAHEAD": str(SLOTS)}, 2))
+    settings.append(Setting("fair", ROOT, {"EMO_DISPATCH_LOOKAHEAD": str(args.lookahead)}, 2))
     results = []
     try:
         for setting in settings:
