@@ -27,7 +27,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from db.dispatch import mark_dispatched
-from db.models import Batch, Job, JobStatus, utcnow
+from db.models import Batch, Job, JobStatus, Lease, utcnow
 
 WAITING = (JobStatus.QUEUED, JobStatus.RUNNING)
 REASON = "its turn (fair share)"
@@ -121,20 +121,38 @@ def held_claims(*, session: Session) -> list[Claim]:
     ]
 
 
-def first_picks(
-    claims: list[Claim], active: Mapping[str, int], picks: list[str], room: int
+def holding_by_batch(*, session: Session) -> Counter[str]:
+    """Jobs holding a GPU slot, by batch."""
+    rows = session.execute(
+        select(Job.batch_id, func.count())
+        .join(Lease, Lease.job_id == Job.id)
+        .where(Lease.gpu_since.is_not(None))
+        .group_by(Job.batch_id)
+    )
+    return Counter({batch_id: count for batch_id, count in rows})
+
+
+def wings_picks(
+    claims: list[Claim],
+    active: Mapping[str, int],
+    holding: Mapping[str, int],
+    picks: list[str],
+    room: int,
 ) -> list[str]:
-    """Beyond the places: the first job of each batch with nothing dispatched, up to ``room``
-    of them, in the fair order. Such a job loads while the GPUs render and waits for a slot,
-    which fair sharing gives it next, so a batch submitted behind a long one waits for the
-    next free slot, not for a place and then a slot."""
+    """Beyond the places: the next job of each batch with none in the wings (every job it has
+    dispatched holds a slot, or it has none), up to ``room`` of them, in the fair order. Such
+    a job loads while the GPUs render and waits for a slot, which fair sharing gives it when
+    its batch is next; so a batch submitted behind a long one waits for the next free slot,
+    not for a place and then a slot, and a batch that holds a slot has its next job ready when
+    that slot is given back, rather than losing it to a batch that had one waiting."""
     taken = set(picks)
     served = {claim.batch_id for claim in claims if claim.job_id in taken}
     heads: dict[str, Claim] = {}
     for claim in sorted(claims, key=_claim_key):
-        if active.get(claim.batch_id, 0) == 0 and claim.batch_id not in served:
+        in_wings = active.get(claim.batch_id, 0) - holding.get(claim.batch_id, 0)
+        if in_wings <= 0 and claim.batch_id not in served:
             heads.setdefault(claim.batch_id, claim)
-    return fair_picks(heads.values(), {}, room)
+    return fair_picks(heads.values(), active, room)
 
 
 def admit_jobs(
@@ -146,8 +164,8 @@ def admit_jobs(
     first_room: int = 0,
 ) -> list[tuple[str, int]]:
     """Dispatch, in the fair order, as many held jobs as ``capacity`` (GPU slots plus the
-    look-ahead) leaves room for, and beyond it the first job of batches with nothing
-    dispatched while fewer than ``first_room`` such jobs are over it (``first_picks``);
+    look-ahead) leaves room for, and beyond it the next job of batches with none in the
+    wings while fewer than ``first_room`` such jobs are over it (``wings_picks``);
     commits. Returns ``(job id, dispatch generation)`` of each: the caller makes their render
     runs (a dispatch whose run is never made is made by the sweep, as any other). The caller
     holds the GPU limit row locked, so admissions take turns."""
@@ -156,7 +174,8 @@ def admit_jobs(
     claims = held_claims(session=session)
     picks = fair_picks(claims, active, capacity - sum(active.values()))
     over = sum(active.values()) + len(picks) - capacity
-    picks += first_picks(claims, active, picks, first_room - max(0, over))
+    holding = holding_by_batch(session=session)
+    picks += wings_picks(claims, active, holding, picks, first_room - max(0, over))
     admitted = []
     for job_id in picks:
         job = session.get(Job, job_id, with_for_update=True, populate_existing=True)

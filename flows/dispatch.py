@@ -214,7 +214,8 @@ def settle(
 
 def admit(svc: Services, *, actor: str, linked: set[str] | None = None) -> list[Outcome]:
     """Dispatch the held jobs fair sharing lets through now (``db.fair_share``): as many as the
-    GPU slots plus ``EMO_DISPATCH_LOOKAHEAD`` leave room for. Runs of jobs in ``linked`` (all
+    GPU slots plus ``EMO_DISPATCH_LOOKAHEAD`` leave room for, and with a look-ahead, the next
+    job of each batch that has none loading. Runs of jobs in ``linked`` (all
     when None) are children of the calling flow run. Each publishes to its own batch's folder.
     If Prefect refuses a run, the jobs not yet started are held again (the one refused keeps
     its dispatch: the sweep issues it again under its key). Nothing to do inline."""
@@ -222,8 +223,13 @@ def admit(svc: Services, *, actor: str, linked: set[str] | None = None) -> list[
         return []
     with svc.sessions() as session:
         slots = lock_gpu_limit(session=session, default_slots=svc.settings.gpu_slots, actor=actor)
-        capacity = slots + svc.settings.dispatch_lookahead
-        picked = admit_jobs(session=session, capacity=capacity, actor=actor, first_room=slots)
+        lookahead = svc.settings.dispatch_lookahead
+        # Beyond the places, each batch's next job (``wings_picks``), at most the slots over;
+        # none with no look-ahead (Kubernetes: a run is a pod that would ask for a GPU).
+        room = slots if lookahead > 0 else 0
+        picked = admit_jobs(
+            session=session, capacity=slots + lookahead, actor=actor, first_room=room
+        )
     outcomes = []
     for n, (job_id, generation) in enumerate(picked):
         try:

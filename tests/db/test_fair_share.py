@@ -204,3 +204,36 @@ def test_a_batch_with_nothing_dispatched_gets_its_first_job_beyond_the_places(se
     assert admit(room=1) == []  # one over already
     assert admit(room=2) == [tiny[0]]
     assert admit(room=5) == []  # every batch has a job dispatched
+
+
+def test_a_batch_whose_jobs_all_hold_slots_gets_its_next_job_beyond_the_places(session) -> None:
+    a = _batch(session, "a", 4)
+    b = _batch(session, "b", 4)
+
+    def admit(room: int) -> list[str]:
+        picked = admit_jobs(session=session, capacity=3, actor="t", first_room=room)
+        return [job_id for job_id, _ in picked]
+
+    assert admit(room=2) == [a[0], b[0], a[1]]  # two slots and one look-ahead, in turn
+    now = utcnow()
+    for n, job_id in enumerate((a[0], b[0])):
+        _lease(session, job_id, f"r{n}:1")
+        assert _take(session, job_id, f"r{n}:1", now)
+    # a has a[1] loading for when a slot frees; b has nothing ready, so when b[0] gives its
+    # slot back, a's waiter would take it. b's next job loads beyond the places...
+    assert admit(room=0) == []  # (not with no room: Kubernetes' look-ahead 0)
+    assert admit(room=2) == [b[1]]
+    assert admit(room=2) == []  # ...one per batch: each has a job in the wings now
+
+    # Both loaded and waiting when b[0] gives its slot back: b holds none, so it is b[1]'s,
+    # though a[1] asked first; then b's next job loads again.
+    for n, job_id in ((2, a[1]), (3, b[1])):
+        _lease(session, job_id, f"r{n}:1")
+    assert not _take(session, a[1], "r2:1", now)
+    assert not _take(session, b[1], "r3:1", now + timedelta(seconds=1))
+    assert release_gpu_slot(session=session, job_id=b[0], owner="r1:1")
+    transition_job(session=session, job_id=b[0], to=JobStatus.SUCCEEDED, actor="t")
+    later = now + timedelta(seconds=2)
+    assert not _take(session, a[1], "r2:1", later)
+    assert _take(session, b[1], "r3:1", later)
+    assert admit(room=2) == [b[2]]
