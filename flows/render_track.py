@@ -82,12 +82,14 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
                 for segment in plan.segments:
                     binding = ledger.binding(segment)
                     checkpoint = ledger.reusable(segment, binding)
-                    if checkpoint is None:
-                        gpu.take()  # at the first segment to render, then until the last
-                        checkpoint = render_segment_task(
-                            lease, setup, segment, ledger.previous, binding
-                        )
-                    ledger.add(checkpoint)
+                    if checkpoint is not None:
+                        ledger.add(checkpoint)
+                        continue
+                    gpu.take()  # at the first segment to render, then until the last
+                    done = render_segment_task(
+                        lease, setup, segment, ledger.previous, binding, ledger.motion
+                    )
+                    ledger.add(done.checkpoint, done.motion)
             rendered(lease)  # the next job may take the GPU while this one finishes
             done = ledger.done()
             outcome.result = hand_off(lease, done, output) or complete(lease, done, started, output)

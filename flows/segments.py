@@ -78,6 +78,9 @@ class SegmentLedger:
     progress_id: UUID
     checkpoints: list[SegmentCheckpoint] = field(default_factory=list)
     reused: int = 0
+    # The last segment's end state when this run rendered it (None: reused, or none yet): the
+    # next segment starts from it without fetching it back from the store.
+    motion: MotionState | None = None
 
     @classmethod
     def open(cls, lease: JobLease, job: JobRecord, setup: JobSetup) -> SegmentLedger:
@@ -160,8 +163,10 @@ class SegmentLedger:
             model_config=setup.model.config.name,
         )
 
-    def add(self, checkpoint: SegmentCheckpoint) -> None:
+    def add(self, checkpoint: SegmentCheckpoint, motion: MotionState | None = None) -> None:
+        """The next verified segment; ``motion``: its end state, if this run rendered it."""
         self.checkpoints.append(checkpoint)
+        self.motion = motion
         done, total = len(self.checkpoints), len(self.setup.plan.segments)
         segment = self.setup.plan.segments[checkpoint.index]
         clips = range(segment.clip_start, segment.clip_start + segment.clip_count)
@@ -212,6 +217,14 @@ def _segment_run_name() -> str:
     )
 
 
+@dataclass(frozen=True)
+class RenderedSegment:
+    """A segment this run rendered: its recorded checkpoint, and its end state in memory."""
+
+    checkpoint: SegmentCheckpoint
+    motion: MotionState
+
+
 @task(name="render segment", cache_policy=NO_CACHE, task_run_name=_segment_run_name)
 def render_segment_task(
     lease: JobLease,
@@ -219,13 +232,15 @@ def render_segment_task(
     segment: PlannedSegment,
     previous: SegmentCheckpoint | None,
     binding: dict[str, Any],
-) -> SegmentCheckpoint:
-    """Render one segment from the previous one's motion state, write it as a new attempt
-    under this render's epoch (manifest last), and record it (fenced by the epoch)."""
+    motion: MotionState | None = None,
+) -> RenderedSegment:
+    """Render one segment from the previous one's motion state (``motion``, as this run
+    rendered it; else fetched from the previous checkpoint, as a resume does), write it as a
+    new attempt under this render's epoch (manifest last), and record it (fenced by the
+    epoch)."""
     svc, inputs = lease.svc, setup.inputs
     started = time.perf_counter()
-    motion = None
-    if previous is not None:
+    if previous is not None and motion is None:
         path = in_place(
             lambda: svc.store.get_file(
                 previous.key("motion.safetensors"),
@@ -266,7 +281,7 @@ def render_segment_task(
     )
     record_segment(lease, checkpoint, "render-track")
     video.unlink(missing_ok=True)
-    return checkpoint
+    return RenderedSegment(checkpoint, state)
 
 
 def _render(
