@@ -21,6 +21,7 @@ from rich.table import Table
 from emo.errors import EmoError, InputError, NotFound
 
 console = Console(soft_wrap=True)
+WORKER_QUERY_SECONDS = "2"  # how often `emo worker` asks for runs (PREFECT_WORKER_QUERY_SECONDS)
 
 
 def _ago(moment: datetime | None, now: datetime) -> str:
@@ -236,6 +237,9 @@ def worker(
             "database and object store (see the README's 'A render farm on a few workstations')"
         )
     os.environ.setdefault("EMO_DISPATCH", "deployment")
+    # Renders are dispatched as GPUs free up, not all at submit: a run should start within
+    # seconds of being made, not at Prefect's default 10 s poll.
+    os.environ.setdefault("PREFECT_WORKER_QUERY_SECONDS", WORKER_QUERY_SECONDS)
     command = [sys.executable, "-m", "prefect", "worker", "start", "--pool", pool]
     command += ["--type", "process", "--name", name or f"{socket.gethostname()}-{pool}"]
     if limit is not None:
