@@ -23,7 +23,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-from sqlalchemy import func, select
+from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
 from db.dispatch import mark_dispatched
@@ -121,12 +121,19 @@ def held_claims(*, session: Session) -> list[Claim]:
     ]
 
 
-def holding_by_batch(*, session: Session) -> Counter[str]:
-    """Jobs holding a GPU slot, by batch."""
+def in_wings_by_batch(*, session: Session) -> Counter[str]:
+    """Dispatched jobs not yet rendered and not holding a GPU slot, by batch: those loading,
+    or loaded and waiting for a slot."""
+    holder = and_(Lease.job_id == Job.id, Lease.gpu_since.is_not(None))
     rows = session.execute(
         select(Job.batch_id, func.count())
-        .join(Lease, Lease.job_id == Job.id)
-        .where(Lease.gpu_since.is_not(None))
+        .outerjoin(Lease, holder)
+        .where(
+            Job.status.in_(WAITING),
+            Job.dispatched_at.is_not(None),
+            Job.rendered_at.is_(None),
+            Lease.job_id.is_(None),
+        )
         .group_by(Job.batch_id)
     )
     return Counter({batch_id: count for batch_id, count in rows})
@@ -135,7 +142,7 @@ def holding_by_batch(*, session: Session) -> Counter[str]:
 def wings_picks(
     claims: list[Claim],
     active: Mapping[str, int],
-    holding: Mapping[str, int],
+    in_wings: Mapping[str, int],
     picks: list[str],
     room: int,
 ) -> list[str]:
@@ -149,8 +156,7 @@ def wings_picks(
     served = {claim.batch_id for claim in claims if claim.job_id in taken}
     heads: dict[str, Claim] = {}
     for claim in sorted(claims, key=_claim_key):
-        in_wings = active.get(claim.batch_id, 0) - holding.get(claim.batch_id, 0)
-        if in_wings <= 0 and claim.batch_id not in served:
+        if in_wings.get(claim.batch_id, 0) == 0 and claim.batch_id not in served:
             heads.setdefault(claim.batch_id, claim)
     return fair_picks(heads.values(), active, room)
 
@@ -174,8 +180,8 @@ def admit_jobs(
     claims = held_claims(session=session)
     picks = fair_picks(claims, active, capacity - sum(active.values()))
     over = sum(active.values()) + len(picks) - capacity
-    holding = holding_by_batch(session=session)
-    picks += wings_picks(claims, active, holding, picks, first_room - max(0, over))
+    in_wings = in_wings_by_batch(session=session)
+    picks += wings_picks(claims, active, in_wings, picks, first_room - max(0, over))
     admitted = []
     for job_id in picks:
         job = session.get(Job, job_id, with_for_update=True, populate_existing=True)

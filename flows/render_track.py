@@ -85,11 +85,13 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
                     if checkpoint is not None:
                         ledger.add(checkpoint)
                         continue
-                    gpu.take()  # at the first segment to render, then until the last
-                    done = render_segment_task(
+                    if not gpu.held:  # at the first segment to render, then until the last
+                        gpu.take()
+                        admit_next(svc, actor=lease.owner)  # its batch's next job may load now
+                    fresh = render_segment_task(
                         lease, setup, segment, ledger.previous, binding, ledger.motion
                     )
-                    ledger.add(done.checkpoint, done.motion)
+                    ledger.add(fresh.checkpoint, fresh.motion)
             rendered(lease)  # the next job may take the GPU while this one finishes
             done = ledger.done()
             outcome.result = hand_off(lease, done, output) or complete(lease, done, started, output)
