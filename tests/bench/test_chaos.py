@@ -29,13 +29,17 @@ def _run_chaos(args: list[str], budget: float) -> tuple[int, str]:
     )
     try:
         output, _ = process.communicate(timeout=budget)
-    except BaseException:
+    except KeyboardInterrupt:  # the run got the terminal's SIGINT too, and tears down itself
+        process.wait()
+        raise
+    except BaseException:  # over budget, or pytest-timeout failed the test
         process.send_signal(signal.SIGTERM)
         try:
-            process.communicate(timeout=120)
+            output, _ = process.communicate(timeout=120)
         except subprocess.TimeoutExpired:
             process.kill()
-        raise
+            output, _ = process.communicate()
+        pytest.fail(f"the chaos run took over {budget:.0f} s and was stopped:\n{output[-8000:]}")
     return process.returncode, output
 
 
