@@ -34,7 +34,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.farm_harness import BIN, ROOT, Farm, flow_run_pids, start_farm  # noqa: E402
+from bench.farm_harness import (  # noqa: E402
+    BIN,
+    ROOT,
+    Farm,
+    flow_run_pids,
+    speech_manifest,
+    start_farm,
+)
 from emo.media import frame_md5s  # noqa: E402
 
 KINDS = (
@@ -76,41 +83,11 @@ class Run:
         print(line, flush=True)
 
 
-def speech(seconds: float, seed: int):
-    import numpy as np
-
-    rng = np.random.default_rng(seed)
-    t = np.arange(int(seconds * 16000)) / 16000
-    rate = 2.0 + rng.random() * 2
-    envelope = np.abs(np.sin(2 * np.pi * rate * t))
-    return (0.3 * envelope * np.sin(2 * np.pi * (140 + 60 * rng.random()) * t)).astype(np.float32)
-
-
 def make_batch(root: Path, jobs: int, seed: int, seconds: float) -> Path:
     """A manifest of ``jobs`` jobs over the demo portrait and synthetic speech of varied length."""
-    import yaml
-
-    from tests.conftest import write_wav
-
     rng = random.Random(seed)
-    entries = []
-    for index in range(jobs):
-        audio = root / f"vocal-{index}.wav"
-        length = seconds * (0.8 + 0.4 * rng.random())
-        write_wav(audio, speech(length, seed * 100 + index))
-        entries.append(
-            {
-                "name": f"take-{index}",
-                "image": str(ROOT / "emo" / "assets" / "demo_portrait.png"),
-                "audio": str(audio),
-                "face_box": [0.2, 0.15, 0.8, 0.85],
-                "steps": STEPS,
-                "seed": 1000 + index,
-            }
-        )
-    path = root / "chaos.yaml"
-    path.write_text(yaml.safe_dump({"name": "chaos", "jobs": entries}))
-    return path
+    lengths = {f"take-{index}": seconds * (0.8 + 0.4 * rng.random()) for index in range(jobs)}
+    return speech_manifest(root, "chaos", lengths, steps=STEPS, seed=seed)
 
 
 # -- the farm's state, read as the operator would ------------------------------------------

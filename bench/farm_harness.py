@@ -299,3 +299,42 @@ def start_farm(
         farm.start_worker(f"gpu-{index}", "gpu-local", gpu_runs)
     farm.start_worker("cpu-0", "cpu-local", 4)
     return farm
+
+
+def speech(seconds: float, seed: int):
+    """Synthetic speech: a voiced tone under a syllable-rate envelope (16 kHz, float32)."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    t = np.arange(int(seconds * 16000)) / 16000
+    rate = 2.0 + rng.random() * 2
+    envelope = np.abs(np.sin(2 * np.pi * rate * t))
+    return (0.3 * envelope * np.sin(2 * np.pi * (140 + 60 * rng.random()) * t)).astype(np.float32)
+
+
+def speech_manifest(
+    root: Path, name: str, jobs: dict[str, float], *, steps: int, seed: int
+) -> Path:
+    """The manifest ``root/<name>.yaml`` of batch ``name``: one job per entry of ``jobs`` (job
+    name -> seconds of synthetic speech, written beside it), over the demo portrait."""
+    import yaml
+
+    from tests.conftest import write_wav
+
+    entries = []
+    for index, (job, seconds) in enumerate(jobs.items()):
+        audio = root / f"{job}.wav"
+        write_wav(audio, speech(seconds, seed * 100 + index))
+        entries.append(
+            {
+                "name": job,
+                "image": str(ROOT / "emo" / "assets" / "demo_portrait.png"),
+                "audio": str(audio),
+                "face_box": [0.2, 0.15, 0.8, 0.85],
+                "steps": steps,
+                "seed": 1000 + index,
+            }
+        )
+    path = root / f"{name}.yaml"
+    path.write_text(yaml.safe_dump({"name": name, "jobs": entries}))
+    return path
