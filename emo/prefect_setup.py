@@ -35,6 +35,9 @@ from emo.errors import EmoError, InputError, SettingsError
 POOLS_DIR = Path("k8s/work-pools")
 AUTOMATIONS_DIR = Path("k8s/automations")
 FARM_POOLS = {"gpu": "gpu-local", "cpu": "cpu-local"}  # prefect.yaml's pool -> the farm's
+# Flow runs' heartbeat, as the Kubernetes pools set it: k8s/automations/zombie-flow-runs.yaml
+# marks a run Crashed after 90 s without one.
+HEARTBEAT_ENV, HEARTBEAT_SECONDS = "PREFECT_FLOWS_HEARTBEAT_FREQUENCY", "30"
 
 
 @dataclass(frozen=True)
@@ -106,12 +109,16 @@ def ensure_work_pools(project: Path) -> list[str]:
 
 
 def ensure_process_pools() -> list[str]:
-    """Create or update the farm's pools (type ``process``, Prefect's default template)."""
+    """Create or update the farm's pools (type ``process``, Prefect's default template, and
+    the runs' heartbeat every ``HEARTBEAT_SECONDS``: Prefect's own default, 180 s, is longer
+    than the zombie automation's 90 s, which would mark every run of over 90 s Crashed)."""
     from prefect.client.orchestration import get_client
     from prefect.client.schemas.actions import WorkPoolCreate
     from prefect.workers.process import ProcessWorker
 
     template = ProcessWorker.get_default_base_job_template()
+    env = template["variables"]["properties"]["env"]
+    env["default"] = {**env.get("default", {}), HEARTBEAT_ENV: HEARTBEAT_SECONDS}
     with get_client(sync_client=True) as client:
         for name in FARM_POOLS.values():
             client.create_work_pool(

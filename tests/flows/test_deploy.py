@@ -91,3 +91,25 @@ def test_emo_deploy_names_a_bad_time_zone_and_a_missing_project(
     done = run_emo("deploy", "--project", str(tmp_path), env={"PREFECT_API_URL": prefect_server})
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert f"no prefect.yaml in {tmp_path}" in done.stderr + done.stdout
+
+
+def test_every_pool_gives_runs_the_heartbeat_the_zombie_automation_expects(
+    prefect_server: str,
+) -> None:
+    """The automation crashes a run after ``within`` s without a heartbeat. Prefect's own
+    heartbeat default (180 s) is longer, so a pool that left it would see every run of over
+    90 s marked Crashed while it still renders (found on the farm benchmark)."""
+    from prefect.client.orchestration import get_client
+
+    from emo.prefect_setup import HEARTBEAT_ENV, ensure_process_pools
+
+    spec = yaml.safe_load((ROOT / "k8s" / "automations" / "zombie-flow-runs.yaml").read_text())
+    within = spec["automations"][0]["trigger"]["within"]
+    assert ensure_process_pools() == ["gpu-local", "cpu-local"]
+    with get_client(sync_client=True) as client:
+        farm = [client.read_work_pool(n).base_job_template for n in ("gpu-local", "cpu-local")]
+    k8s = [json.loads(p.read_text()) for p in sorted((ROOT / "k8s" / "work-pools").glob("*.json"))]
+    beats = [t["variables"]["properties"]["env"]["default"][HEARTBEAT_ENV] for t in farm + k8s]
+    assert len(beats) == 4
+    for beat in beats:
+        assert 3 * float(beat) <= within  # a live run beats three times in the window
