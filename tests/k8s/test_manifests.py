@@ -92,9 +92,12 @@ def test_overlays_put_everything_in_their_namespace(overlay: str, namespace: str
         c["image"]
         for _, spec in pod_specs(resources)
         for c in spec["containers"]
-        if c["name"] in ("worker", "migrate", "setup") and "minio" not in c["image"]
+        if c["name"] in ("worker", "migrate", "setup", "prefect-server")
+        and "minio" not in c["image"]
     }
-    assert images == {config["EMO_IMAGE"]}  # workers and flow-run pods use one image
+    # Workers, flow-run pods and the Prefect server use one image (the server's Prefect on
+    # the project's pins).
+    assert images == {config["EMO_IMAGE"]}
     # Inputs come from the studio's bucket only, never from a pod's own files.
     assert config["EMO_INPUT_BUCKETS"] == "emo" and config["EMO_INPUT_ROOTS"] == ""
     assert config["EMO_STORE_URL"].startswith("s3://emo/")
