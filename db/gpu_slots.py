@@ -207,6 +207,31 @@ def take_gpu_slot(
     return SlotCount(acquired=False, slots=limit.slots, holders=tuple(others), host_full=host_full)
 
 
+def _waiting_claims(
+    session: Session, own_id: str, now: datetime, is_dead: Callable[[str], bool], grace: timedelta
+) -> list[Claim]:
+    """Renders waiting for a slot they could take, as claims (waiters gone as a holder would
+    be do not count; ``own_id``'s always does)."""
+    rows = session.execute(
+        select(Lease, Job, Batch)
+        .join(Job, Job.id == Lease.job_id)
+        .join(Batch, Batch.id == Job.batch_id)
+        .where(Lease.gpu_wanted_at.is_not(None), Lease.gpu_since.is_(None))
+    ).all()
+    return [
+        Claim(job.id, batch.id, Share.of(batch), job.priority, lease.gpu_wanted_at)
+        for lease, job, batch in rows
+        if lease.job_id == own_id or _gone(lease, now, is_dead, grace) is None
+    ]
+
+
+def _held_by_batch(session: Session, holders: list[SlotHolder]) -> Counter[str]:
+    holding = [h.job_id for h in holders]
+    return Counter(
+        session.scalars(select(Job.batch_id).where(Job.id.in_(holding))) if holding else []
+    )
+
+
 def _my_turn(
     session: Session,
     own: Lease,
@@ -217,23 +242,74 @@ def _my_turn(
     grace: timedelta,
 ) -> bool:
     """Whether fair sharing gives one of the ``free`` slots to ``own`` rather than to another
-    waiting render (``db.fair_share``; waiters gone as a holder would be do not count)."""
-    rows = session.execute(
-        select(Lease, Job, Batch)
-        .join(Job, Job.id == Lease.job_id)
-        .join(Batch, Batch.id == Job.batch_id)
-        .where(Lease.gpu_wanted_at.is_not(None), Lease.gpu_since.is_(None))
-    ).all()
-    claims = [
-        Claim(job.id, batch.id, Share.of(batch), job.priority, lease.gpu_wanted_at)
-        for lease, job, batch in rows
-        if lease.job_id == own.job_id or _gone(lease, now, is_dead, grace) is None
-    ]
-    holding = [h.job_id for h in holders]
-    held = Counter(
-        session.scalars(select(Job.batch_id).where(Job.id.in_(holding))) if holding else []
+    waiting render (``db.fair_share``)."""
+    claims = _waiting_claims(session, own.job_id, now, is_dead, grace)
+    return own.job_id in fair_picks(claims, _held_by_batch(session, holders), free)
+
+
+def _owed_more(waiter: Claim, holder: Claim, held: Counter[str]) -> bool:
+    """Whether the waiter's batch comes strictly before the holder's for a slot (priority,
+    then slots held per unit of weight, the holder's own slot not counted). A tie keeps the
+    slot where it is: slots never move back and forth between batches owed alike."""
+
+    def standing(claim: Claim) -> tuple[int, float]:
+        return (-claim.share.priority, held[claim.batch_id] / claim.share.weight)
+
+    return waiter.batch_id != holder.batch_id and standing(waiter) < standing(holder)
+
+
+def yield_gpu_slot(
+    *,
+    session: Session,
+    job_id: str,
+    owner: str,
+    is_dead: Callable[[str], bool],
+    grace_seconds: float = 0.0,
+    now: datetime | None = None,
+) -> SlotHolder | None:
+    """Give the slot of ``owner`` to a waiting render of another batch if fair sharing would
+    pick that render over it for this slot; commits. Returns the render it gave way to, or
+    None (the slot is kept).
+
+    A render asks between its segments, so a batch submitted behind a long one waits for the
+    next segment boundary rather than for a whole job, and "rush this batch" or a weight
+    change takes effect within a segment. The render becomes a waiter at once (its place is
+    kept: ``gpu_wanted_at`` is now), with its model and motion state still loaded. It gives
+    way only to a batch strictly owed more (``_owed_more``): never within a batch, and with
+    more batches than slots a batch waits for a job's end, not a segment's, so slots do not
+    move back and forth at every segment.
+    """
+    now = now or utcnow()
+    # Takers and yielders take turns on the limit row (it exists: this render holds a slot).
+    session.scalar(select(GpuLimit).where(GpuLimit.name == POOL).with_for_update())
+    own = session.scalar(select(Lease).where(Lease.job_id == job_id).with_for_update())
+    if own is None or own.owner != owner or own.gpu_since is None:
+        session.rollback()
+        return None
+    grace = timedelta(seconds=grace_seconds)
+    holders = gpu_slot_holders(session=session, is_dead=is_dead, now=now)
+    others = [h for h in holders if h.job_id != job_id]
+    job = session.get(Job, job_id)
+    mine = Claim(job.id, job.batch_id, Share.of(job.batch), job.priority, own.gpu_since)
+    waiters = _waiting_claims(session, job_id, now, is_dead, grace)
+    held = _held_by_batch(session, others)
+    picks = fair_picks([mine, *waiters], held, 1)
+    winner = next((c for c in waiters if picks and c.job_id == picks[0]), None)
+    if winner is None or not _owed_more(winner, mine, held):
+        session.rollback()
+        return None
+    to = session.get(Job, winner.job_id)
+    given = SlotHolder(winner.job_id, f"{to.batch.name}/{to.name}", "", now, None)
+    own.gpu_since, own.gpu_wanted_at = None, now
+    record_event(
+        session=session,
+        actor=owner,
+        kind="gpu.released",
+        job_id=job_id,
+        reason=f"gave way to {given.describe()} (fair share)",
     )
-    return own.job_id in fair_picks(claims, held, free)
+    session.commit()
+    return given
 
 
 def lock_gpu_limit(*, session: Session, default_slots: int, actor: str) -> int:

@@ -19,7 +19,7 @@ from collections.abc import Callable
 from datetime import datetime
 from types import TracebackType
 
-from db.gpu_slots import SlotCount, release_gpu_slot, take_gpu_slot
+from db.gpu_slots import SlotCount, release_gpu_slot, take_gpu_slot, yield_gpu_slot
 from emo import progress
 from emo.errors import EmoError
 from emo.settings import SLOT_POLL_SECONDS
@@ -129,6 +129,31 @@ class GpuSlot:
             time.sleep(self.poll_seconds)
         self.held = self.lease.gpu_held = True
         self._check_setting(count.slots)
+
+    def give_way(self) -> bool:
+        """Between segments: give the slot to a waiting render of another batch if fair
+        sharing owes that batch one (``db.gpu_slots.yield_gpu_slot``); the caller then takes
+        a slot again (``take``), its model and motion state still loaded. True if given."""
+        if not self.held:
+            return False
+        given = None
+        self.lease.gpu_held = False  # the heartbeat must not take the yield for a lost slot
+        try:
+            with self.svc.sessions() as session:
+                given = yield_gpu_slot(
+                    session=session,
+                    job_id=self.lease.job_id,
+                    owner=self.lease.owner,
+                    is_dead=dead_local_owner,
+                    grace_seconds=self.grace_seconds,
+                )
+        finally:
+            self.held = self.lease.gpu_held = given is None
+        if given is not None:
+            message = f"gave the GPU slot to {given.describe()} (fair share); waiting again"
+            _run_logger().info(message)
+            progress.waiting(message)
+        return given is not None
 
     def _check_setting(self, stored: int) -> None:
         settings = self.svc.settings

@@ -4,7 +4,9 @@ The flow body is the recipe; each step is a task the Prefect UI shows under the 
 Take the job's lease (its epoch is this render's fencing token) -> load the pinned model ->
 load the inputs (checked against their hashes) -> plan -> take a GPU slot -> each segment in
 order: reuse its verified checkpoint, or render it from the previous segment's motion state
-and record it -> release the GPU (and dispatch the next job) -> hand the rest to a finish-job
+and record it (between segments the slot goes to another batch if fair sharing owes that
+batch one, and is waited for again with the model loaded) -> release the GPU (and dispatch the
+next job) -> hand the rest to a finish-job
 run on the CPU pool where one is deployed (``flows.finish_job``; the GPU pod ends here), or
 else: assemble -> QC -> write the reports -> finish (the job succeeded, fenced by the epoch)
 -> only then deliver the user's copy. However the render ends, ``JobOutcome`` records it;
@@ -85,7 +87,8 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
                     if checkpoint is not None:
                         ledger.add(checkpoint)
                         continue
-                    if not gpu.held:  # at the first segment to render, then until the last
+                    gpu.give_way()  # to another batch, if fair sharing owes it a slot
+                    if not gpu.held:  # at the first segment to render, or after giving way
                         gpu.take()
                         admit_next(svc, actor=lease.owner)  # its batch's next job may load now
                     fresh = render_segment_task(

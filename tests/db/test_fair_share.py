@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 
 from db.batches import BatchShare, JobSpec, register_batch, set_share
 from db.fair_share import Claim, Share, admit_jobs, fair_picks, mark_rendered
-from db.gpu_slots import release_gpu_slot, take_gpu_slot
+from db.gpu_slots import release_gpu_slot, take_gpu_slot, yield_gpu_slot
 from db.jobs import transition_job
 from db.leases import acquire_lease
 from db.models import Event, Job, JobStatus, Lease, utcnow
@@ -237,3 +237,61 @@ def test_a_batch_whose_jobs_all_hold_slots_gets_its_next_job_beyond_the_places(s
     assert not _take(session, a[1], "r2:1", later)
     assert _take(session, b[1], "r3:1", later)
     assert admit(room=2) == [b[2]]
+
+
+def _give_way(session, job_id: str, owner: str, at: datetime) -> str | None:
+    given = yield_gpu_slot(
+        session=session, job_id=job_id, owner=owner, is_dead=lambda owner: False, now=at
+    )
+    return None if given is None else given.job_id
+
+
+def test_between_segments_a_batch_gives_a_slot_to_a_batch_owed_one_and_no_more(session) -> None:
+    a = _batch(session, "a", 3)
+    (b,) = _batch(session, "b", 1)
+    owners = {job_id: f"r{n}:1" for n, job_id in enumerate([*a, b])}
+    for job_id, owner in owners.items():
+        _lease(session, job_id, owner)
+    now = utcnow()
+    assert _take(session, a[0], owners[a[0]], now) and _take(session, a[1], owners[a[1]], now)
+    assert not _take(session, a[2], owners[a[2]], now)  # a's own waiter
+    # No other batch waits: a's holders keep their slots (a batch never yields to itself).
+    assert _give_way(session, a[0], owners[a[0]], now) is None
+
+    assert not _take(session, b, owners[b], now)  # b loaded a job: it holds no slot
+    # a holds both: the first of its renders to reach a segment boundary gives b one...
+    assert _give_way(session, a[0], owners[a[0]], now) == b
+    lease = session.get(Lease, a[0], populate_existing=True)
+    assert lease.gpu_since is None and lease.gpu_wanted_at is not None  # it waits again
+    event = session.query(Event).filter(Event.kind == "gpu.released").one()
+    assert event.job_id == a[0] and "gave way to b/b0" in event.reason
+    later = now + timedelta(seconds=2)
+    assert not _take(session, a[0], owners[a[0]], later)  # ...which goes to b, not back
+    assert not _take(session, a[2], owners[a[2]], later)
+    assert _take(session, b, owners[b], later)
+    # One slot each: nothing moves again, either way.
+    assert _give_way(session, a[1], owners[a[1]], later) is None
+    assert _give_way(session, b, owners[b], later) is None
+    # A third batch is owed a slot no more than a and b hold one each: it waits for a job's
+    # end, not a segment's (slots would move at every segment otherwise).
+    (c,) = _batch(session, "c", 1)
+    _lease(session, c, "r9:1")
+    assert not _take(session, c, "r9:1", later)
+    assert _give_way(session, a[1], owners[a[1]], later) is None
+    assert _give_way(session, b, owners[b], later) is None
+
+
+def test_a_rush_batch_takes_a_slot_at_the_next_segment_boundary(session) -> None:
+    a = _batch(session, "a", 2)
+    rush = _batch(session, "rush", 2, share=BatchShare(priority=10))
+    owners = {job_id: f"r{n}:1" for n, job_id in enumerate([*a, *rush])}
+    for job_id, owner in owners.items():
+        _lease(session, job_id, owner)
+    now = utcnow()
+    assert _take(session, rush[0], owners[rush[0]], now)
+    assert _take(session, a[0], owners[a[0]], now)
+    assert not _take(session, rush[1], owners[rush[1]], now)
+    # The rush batch holds one slot already; priority comes before the share, so a's render
+    # gives way to its second job, and the rush batch's renders never give way to a.
+    assert _give_way(session, rush[0], owners[rush[0]], now) is None
+    assert _give_way(session, a[0], owners[a[0]], now) == rush[1]

@@ -24,7 +24,8 @@ from emo.cli import app
 from flows.context import lease_owner
 from flows.render_track import render_track
 from flows.submit_batch import submit_batch
-from tests.flows.conftest import Studio, clear_caches, hold_gpu_slot, manifest
+from tests.conftest import write_wav
+from tests.flows.conftest import Studio, clear_caches, hold_gpu_slot, manifest, speech
 
 pytestmark = pytest.mark.slow  # renders waiting for GPU slots
 
@@ -161,3 +162,87 @@ def test_a_render_whose_slot_was_given_away_stops(studio: Studio, tmp_path: Path
             time.sleep(0.2)
         with pytest.raises(LeaseHeld, match="was given to another render"):
             lease.check()
+
+
+def test_a_render_gives_its_slot_to_another_batch_between_segments(
+    studio: Studio, tmp_path: Path
+) -> None:
+    """Fair sharing at segment boundaries. Batch "slots" holds both GPU slots ("long", rendered
+    here, and "mate", on another workstation); a render of batch "other" starts waiting. At
+    its next segment boundary "long" gives its slot to it, waits for one again with its model
+    and motion state kept, and finishes. The other workstation's renders are leases and slot
+    requests written by the test, as such renders make them."""
+    from db.gpu_slots import set_gpu_limit, take_gpu_slot
+    from db.leases import acquire_lease
+
+    vocal = write_wav(tmp_path / "long.wav", speech(8.0))  # eight segments
+    path = manifest(tmp_path / "slots.yaml", studio, ["long", "mate"], steps=2, audio=str(vocal))
+    jobs = submit_batch(manifest=str(path), render=False)["jobs"]
+    long, mate = jobs["long"], jobs["mate"]
+    other_path = manifest(tmp_path / "other.yaml", studio, ["short"], steps=2)
+    (short,) = submit_batch(manifest=str(other_path), render=False)["jobs"].values()
+    with _sessions(studio)() as session:
+        set_gpu_limit(session=session, slots=2, actor="test")
+        for job_id, owner in ((mate, "farm-8:4243:0a1b2c3d"), (short, FARM_OWNER)):
+            assert acquire_lease(session=session, job_id=job_id, owner=owner, ttl_seconds=600)
+        assert take_gpu_slot(
+            session=session,
+            job_id=mate,
+            owner="farm-8:4243:0a1b2c3d",
+            default_slots=2,
+            is_dead=lambda owner: False,
+        ).acquired
+    took: list[float] = []
+
+    def other_batch_waits_then_renders() -> None:
+        with _sessions(studio)() as session:
+            deadline = time.monotonic() + 120
+            while len(gpu_slot_holders(session=session)) < 2:  # long took the other slot
+                assert time.monotonic() < deadline, "the long render never took its slot"
+                time.sleep(0.1)
+            while not take_gpu_slot(
+                session=session,
+                job_id=short,
+                owner=FARM_OWNER,
+                default_slots=2,
+                is_dead=lambda owner: False,
+            ).acquired:
+                assert time.monotonic() < deadline, "no render gave way"
+                renew_lease(session=session, job_id=short, owner=FARM_OWNER, ttl_seconds=600)
+                time.sleep(0.2)
+            took.append(time.monotonic())
+            time.sleep(2.0)  # renders its segments, then its job is done
+            release_gpu_slot(session=session, job_id=short, owner=FARM_OWNER)
+
+    other = threading.Thread(target=other_batch_waits_then_renders)
+    other.start()
+    try:
+        outcome = render_track(job_id=long)
+    finally:
+        other.join()
+    assert outcome["status"] == "succeeded" and took
+    with _sessions(studio)() as session:
+        kinds = [
+            (e.job_id, e.kind)
+            for e in session.scalars(
+                select(Event)
+                .where(Event.kind.in_(("gpu.acquired", "gpu.released")))
+                .order_by(Event.at, Event.id)
+            )
+        ]
+        gave_way = session.scalar(
+            select(Event).where(Event.kind == "gpu.released", Event.job_id == long)
+        )
+    # long takes the slot, gives it to short at a segment boundary, gets it back when short
+    # is done, and releases it after its last segment; mate holds its slot throughout.
+    names = {long: "long", short: "short", mate: "mate"}
+    assert [(names[job_id], kind) for job_id, kind in kinds] == [
+        ("mate", "gpu.acquired"),
+        ("long", "gpu.acquired"),
+        ("long", "gpu.released"),
+        ("short", "gpu.acquired"),
+        ("short", "gpu.released"),
+        ("long", "gpu.acquired"),
+        ("long", "gpu.released"),
+    ]
+    assert f"gave way to other/short ({short[:8]}) (fair share)" in gave_way.reason
