@@ -3,12 +3,14 @@
 ``start_job`` makes the job running for this render and returns what the database says the
 job is (``JobRecord``). ``JobOutcome`` wraps the render and records how it ended, fenced by
 the render's lease epoch like every write: cancelled (verified segments kept), stopped
-(SIGTERM, Ctrl-C or a lost lease: requeued with the attempt given back), or failed with the
-reason. A render that lost its lease leaves the job's state to the render that holds it.
+(SIGTERM, Ctrl-C, a lost lease, or Prefect ending the run itself: requeued with the attempt
+given back), or failed with the reason. A render that lost its lease leaves the job's state
+to the render that holds it.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
@@ -119,7 +121,7 @@ class JobOutcome:
             if isinstance(error, JobCancelled):
                 log.warning("%s; verified segments are kept", error)
                 return True
-            if isinstance(error, TerminationSignal | KeyboardInterrupt | LeaseHeld):
+            if isinstance(error, STOPS):
                 record_stop(self.lease, error)
             elif self.sigterm:  # a library turned the signal into its own error
                 record_stop(self.lease, TerminationSignal(signal.SIGTERM))
@@ -131,15 +133,26 @@ class JobOutcome:
                 signal.signal(signal.SIGTERM, self._previous)
 
 
+# Ends that are not the job's own failure. Prefect's runtime ends a run by raising its
+# ``CancelledError`` (an ``asyncio.CancelledError``) in the flow's thread: when the run's
+# deployment concurrency lease cannot be renewed (410 once the server released it, as a
+# zombie-run automation does), or at a flow timeout.
+STOPS = (TerminationSignal, KeyboardInterrupt, LeaseHeld, asyncio.CancelledError)
+
+
 def record_stop(lease: JobLease, stop: BaseException) -> None:
     """The render was told to stop (SIGTERM: a cancel from Prefect, a drain, an eviction, a
-    spot reclaim; Ctrl-C), or lost its lease (it could not renew it while the database was
-    unreachable). A cancel makes the job cancelled; anything else requeues it with its attempt
-    given back, since its own work did not fail. Nothing happens to a job that is not running
-    (a stop before it started)."""
-    cancel = isinstance(stop, TerminationSignal) and cancel_requested()
+    spot reclaim; Ctrl-C), lost its lease (it could not renew it while the database was
+    unreachable), or Prefect ended the run. A cancel makes the job cancelled; anything else
+    requeues it with its attempt given back, since its own work did not fail. Nothing happens
+    to a job that is not running (a stop before it started)."""
+    prefect_ended = isinstance(stop, asyncio.CancelledError)
+    cancel = isinstance(stop, TerminationSignal) or prefect_ended
+    cancel = cancel and cancel_requested()
     if isinstance(stop, LeaseHeld):
         what = f"losing its lease ({stop})"
+    elif prefect_ended:
+        what = "Prefect ending its run (CancelledError: a lost concurrency lease or a timeout)"
     elif isinstance(stop, TerminationSignal):
         what = "SIGTERM"
     else:
