@@ -9,6 +9,7 @@ database's events it measures:
   segment's whole work, for code that does not record it) over slot-held time (``gpu.acquired``
   to ``gpu.released``); ``slot_segment_fraction``: the segments' whole work over it, for both;
 - ``makespan_ratio``: first submit to last job finished, over the ideal (model time / slots);
+  ``first_slot_seconds`` and ``last_finish_seconds``: the start and the finish it includes;
 - ``second_batch_wait_seconds``: its submit to its first slot;
 - ``second_batch_share``: its share of slot-held time while both batches had work (the promise
   of weighted sharing: its weight over the sum, 0.5 here), and its completion time against the
@@ -222,6 +223,9 @@ def measure(farm: Farm, submitted: dict[str, float]) -> dict[str, Any]:
         for name in submitted
     }
     both = sum(share_held.values())
+    first_slot = min(h[1].timestamp() for h in holds)
+    last_release = max(h[2].timestamp() for h in holds)
+    last_done = max(t.timestamp() for t in finished.values())
     small_done = finished["small"].timestamp() - submitted["small"]
     promised = model["small"] / (SLOTS * 0.5)  # equal weights: one slot of two
     return {
@@ -235,6 +239,10 @@ def measure(farm: Farm, submitted: dict[str, float]) -> dict[str, Any]:
         "makespan_seconds": round(makespan, 1),
         "ideal_seconds": round(ideal, 1),
         "makespan_ratio": round(makespan / ideal, 2),
+        # Where the rest of the makespan goes: before the first slot is taken (submit, the
+        # first render's start and load), and after the last is given back (finishing).
+        "first_slot_seconds": round(first_slot - submitted["big"], 1),
+        "last_finish_seconds": round(last_done - last_release, 1),
         "second_batch_wait_seconds": round(first_small - submitted["small"], 1),
         "second_batch_share": round(share_held["small"] / both, 3) if both else None,
         "second_batch_seconds": round(small_done, 1),

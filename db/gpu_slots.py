@@ -273,11 +273,10 @@ def yield_gpu_slot(
 
     A render asks between its segments, so a batch submitted behind a long one waits for the
     next segment boundary rather than for a whole job, and "rush this batch" or a weight
-    change takes effect within a segment. The render becomes a waiter at once (its place is
-    kept: ``gpu_wanted_at`` is now), with its model and motion state still loaded. It gives
-    way only to a batch strictly owed more (``_owed_more``): never within a batch, and with
-    more batches than slots a batch waits for a job's end, not a segment's, so slots do not
-    move back and forth at every segment.
+    change takes effect within a segment. The render becomes a waiter at once, with its
+    model and motion state still loaded. It gives way only to a batch strictly owed more
+    (``_owed_more``): never within a batch, and with more batches than slots a batch waits
+    for a job's end, not a segment's, so slots do not move back and forth at every segment.
     """
     now = now or utcnow()
     # Takers and yielders take turns on the limit row (it exists: this render holds a slot).
@@ -300,7 +299,9 @@ def yield_gpu_slot(
         return None
     to = session.get(Job, winner.job_id)
     given = SlotHolder(winner.job_id, f"{to.batch.name}/{to.name}", "", now, None)
-    own.gpu_since, own.gpu_wanted_at = None, now
+    # It waits as from when it took the slot: first in its batch, ahead of jobs that asked
+    # later (a half-rendered job holds its memory until it is done).
+    own.gpu_since, own.gpu_wanted_at = None, own.gpu_since
     record_event(
         session=session,
         actor=owner,

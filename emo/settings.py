@@ -45,7 +45,9 @@ PATTERNS = {
     ),
 }
 BUCKET = re.compile(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]")
-SLOT_POLL_SECONDS = 2.0  # how often a render waiting for a GPU slot asks again
+# How often a render waiting for a GPU slot asks again: a freed slot idles until its next
+# holder asks, up to this long at every hand-over (a job's end, a segment's when giving way).
+SLOT_POLL_SECONDS = 0.5
 
 
 def hide_password(value: str) -> str:

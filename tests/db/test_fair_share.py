@@ -295,3 +295,24 @@ def test_a_rush_batch_takes_a_slot_at_the_next_segment_boundary(session) -> None
     # gives way to its second job, and the rush batch's renders never give way to a.
     assert _give_way(session, rush[0], owners[rush[0]], now) is None
     assert _give_way(session, a[0], owners[a[0]], now) == rush[1]
+
+
+def test_a_render_that_gave_way_is_first_of_its_batch_to_get_a_slot_again(session) -> None:
+    a = _batch(session, "a", 2)
+    (b,) = _batch(session, "b", 1)
+    (rush,) = _batch(session, "rush", 1, share=BatchShare(priority=10))
+    owners = {job_id: f"r{n}:1" for n, job_id in enumerate([*a, b, rush])}
+    for job_id, owner in owners.items():
+        _lease(session, job_id, owner)
+    now = utcnow()
+    assert _take(session, a[0], owners[a[0]], now) and _take(session, b, owners[b], now)
+    assert not _take(session, a[1], owners[a[1]], now + timedelta(seconds=1))
+    assert not _take(session, rush, owners[rush], now + timedelta(seconds=2))
+    assert _give_way(session, a[0], owners[a[0]], now + timedelta(seconds=3)) == rush
+    assert _take(session, rush, owners[rush], now + timedelta(seconds=4))
+    assert release_gpu_slot(session=session, job_id=rush, owner=owners[rush])
+    # a[1] asked before a[0] gave way, but a[0] waits as from when it took its slot: the
+    # half-rendered job goes on first.
+    later = now + timedelta(seconds=5)
+    assert not _take(session, a[1], owners[a[1]], later)
+    assert _take(session, a[0], owners[a[0]], later)

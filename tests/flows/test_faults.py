@@ -75,8 +75,9 @@ def _job(studio: Studio, job_id: str) -> tuple[Job, list[str], bool]:
 def test_a_sigterm_requeues_the_job_and_gives_its_attempt_back(
     studio: Studio, prefect_server: str, tmp_path: Path
 ) -> None:
-    # One segment of 3 s (7 clips) at 40 steps: long enough to be stopped inside it.
-    path = manifest(tmp_path / "drain.yaml", studio, ["drain"], steps=40, segment_seconds=10)
+    # One segment of 3 s (7 clips) at 12 steps, 84 in all: long enough to be stopped inside
+    # it, short enough to render again.
+    path = manifest(tmp_path / "drain.yaml", studio, ["drain"], steps=12, segment_seconds=10)
     job_id = submit_batch(manifest=str(path), render=False)["jobs"]["drain"]
     process = _render_process(studio, prefect_server, job_id)
     _wait_for_steps(studio, job_id, process)
