@@ -182,7 +182,11 @@ def take_gpu_slot(
     on_host = sum(1 for h in others if h.owner.partition(":")[0] == host)
     host_full = host_slots is not None and on_host >= host_slots
     if own.gpu_since is None:
-        own.gpu_wanted_at = None if host_full else own.gpu_wanted_at or now
+        # A waiter whose host's GPUs are all held stays out of the claims (it could not take
+        # a slot freed elsewhere), unless a render of its own host holds a slot that fair
+        # sharing owes it: then it stays a waiter, so that render gives way to it.
+        visible = not host_full or _owed_on_host(session, job_id, others, host)
+        own.gpu_wanted_at = (own.gpu_wanted_at or now) if visible else None
     free = 0 if host_full else limit.slots - len(others)
     if (
         own.gpu_since is None
@@ -247,6 +251,28 @@ def _my_turn(
     return own.job_id in fair_picks(claims, _held_by_batch(session, holders), free)
 
 
+def _claim_of(session: Session, job_id: str, since: datetime) -> Claim:
+    job = session.get(Job, job_id)
+    return Claim(job.id, job.batch_id, Share.of(job.batch), job.priority, since)
+
+
+def _host_of(session: Session, job_id: str) -> str:
+    return session.get(Lease, job_id).owner.partition(":")[0]
+
+
+def _owed_on_host(session: Session, job_id: str, others: list[SlotHolder], host: str) -> bool:
+    """Whether a holder on ``host`` would give way to this job (``_owed_more``)."""
+    held = _held_by_batch(session, others)
+    me = _claim_of(session, job_id, utcnow())
+    for holder in others:
+        if holder.owner.partition(":")[0] != host:
+            continue
+        theirs = _claim_of(session, holder.job_id, holder.since)
+        if _owed_more(me, theirs, held - Counter({theirs.batch_id: 1})):
+            return True
+    return False
+
+
 def _owed_more(waiter: Claim, holder: Claim, held: Counter[str]) -> bool:
     """Whether the waiter's batch comes strictly before the holder's for a slot (priority,
     then slots held per unit of weight, the holder's own slot not counted). A tie keeps the
@@ -266,6 +292,7 @@ def yield_gpu_slot(
     is_dead: Callable[[str], bool],
     grace_seconds: float = 0.0,
     now: datetime | None = None,
+    host_slots: int | None = None,
 ) -> SlotHolder | None:
     """Give the slot of ``owner`` to a waiting render of another batch if fair sharing would
     pick that render over it for this slot; commits. Returns the render it gave way to, or
@@ -277,20 +304,30 @@ def yield_gpu_slot(
     model and motion state still loaded. It gives way only to a batch strictly owed more
     (``_owed_more``): never within a batch, and with more batches than slots a batch waits
     for a job's end, not a segment's, so slots do not move back and forth at every segment.
+    With ``host_slots`` (the farm caps GPUs per host) it gives way only to a render of its own
+    host, the only one that can use the GPU it frees; without, never while a slot is free.
     """
     now = now or utcnow()
     # Takers and yielders take turns on the limit row (it exists: this render holds a slot).
-    session.scalar(select(GpuLimit).where(GpuLimit.name == POOL).with_for_update())
+    limit = session.scalar(select(GpuLimit).where(GpuLimit.name == POOL).with_for_update())
     own = session.scalar(select(Lease).where(Lease.job_id == job_id).with_for_update())
     if own is None or own.owner != owner or own.gpu_since is None:
         session.rollback()
         return None
     grace = timedelta(seconds=grace_seconds)
-    holders = gpu_slot_holders(session=session, is_dead=is_dead, now=now)
-    others = [h for h in holders if h.job_id != job_id]
-    job = session.get(Job, job_id)
-    mine = Claim(job.id, job.batch_id, Share.of(job.batch), job.priority, own.gpu_since)
+    others = [
+        _as_holder(lease, name, batch)
+        for lease, name, batch in _holder_rows(session)
+        if lease.job_id != job_id and _gone(lease, now, is_dead, grace) is None
+    ]
+    mine = _claim_of(session, job_id, own.gpu_since)
     waiters = _waiting_claims(session, job_id, now, is_dead, grace)
+    host = owner.partition(":")[0]
+    if host_slots is not None:  # only a render of this host can use this host's GPU
+        waiters = [c for c in waiters if _host_of(session, c.job_id) == host]
+    elif len(others) + 1 < limit.slots:
+        session.rollback()  # a slot is free already: the waiter takes that one
+        return None
     held = _held_by_batch(session, others)
     picks = fair_picks([mine, *waiters], held, 1)
     winner = next((c for c in waiters if picks and c.job_id == picks[0]), None)

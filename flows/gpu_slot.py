@@ -146,7 +146,10 @@ class GpuSlot:
                     owner=self.lease.owner,
                     is_dead=dead_local_owner,
                     grace_seconds=self.grace_seconds,
+                    host_slots=self.svc.settings.host_gpu_slots,
                 )
+        except Exception as failure:  # noqa: BLE001 (sharing is not the job's work: keep it)
+            log.warning("job %s: could not ask to give way: %s", self.lease.job_id, failure)
         finally:
             self.held = self.lease.gpu_held = given is None
         if given is not None:

@@ -316,3 +316,47 @@ def test_a_render_that_gave_way_is_first_of_its_batch_to_get_a_slot_again(sessio
     later = now + timedelta(seconds=5)
     assert not _take(session, a[1], owners[a[1]], later)
     assert _take(session, a[0], owners[a[0]], later)
+
+
+def test_with_host_caps_a_render_gives_way_only_to_a_waiter_of_its_own_host(session) -> None:
+    """Each workstation has one GPU (EMO_HOST_GPU_SLOTS=1) and the farm two slots. Batch a
+    renders on both; b's job loads on ws1, whose GPU is busy. b stays a waiter (ws1's render
+    owes it the GPU), ws1's render gives way to it, and ws2's does not (b cannot use ws2's
+    GPU from ws1)."""
+    a = _batch(session, "a", 2)
+    (b,) = _batch(session, "b", 1)
+    owners = {a[0]: "ws1:10:x", a[1]: "ws2:10:y", b: "ws1:11:z"}
+    for job_id, owner in owners.items():
+        _lease(session, job_id, owner)
+    now = utcnow()
+
+    def take(job_id: str, seconds: int):
+        return take_gpu_slot(
+            session=session,
+            job_id=job_id,
+            owner=owners[job_id],
+            default_slots=2,
+            is_dead=lambda owner: False,
+            now=now + timedelta(seconds=seconds),
+            host_slots=1,
+        )
+
+    def give_way(job_id: str, seconds: int) -> str | None:
+        given = yield_gpu_slot(
+            session=session,
+            job_id=job_id,
+            owner=owners[job_id],
+            is_dead=lambda owner: False,
+            now=now + timedelta(seconds=seconds),
+            host_slots=1,
+        )
+        return None if given is None else given.job_id
+
+    assert take(a[0], 0).acquired and take(a[1], 0).acquired
+    refused = take(b, 1)
+    assert refused.host_full and not refused.acquired
+    assert session.get(Lease, b, populate_existing=True).gpu_wanted_at is not None
+    assert give_way(a[1], 2) is None  # ws2's GPU is no use to a render on ws1
+    assert give_way(a[0], 3) == b
+    assert take(b, 4).acquired
+    assert not take(a[0], 5).acquired  # ws1's GPU is b's now; a[0] waits for it
