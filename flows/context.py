@@ -126,11 +126,21 @@ class JobLease:
         self.cancelled = threading.Event()  # set by the heartbeat when the job is cancelled
         self.lost_reason = f"lease of job {job_id} is lost to another render"
         self.progress_at: datetime | None = None
-        self.gpu_held = False  # set by GpuSlot while this render holds a GPU slot
+        self._gpu_held = False  # set by GpuSlot while this render holds a GPU slot
+        self._gpu_changes = 0  # how often it changed: the heartbeat's reading is of one state
         self.epoch = 0  # the job's lease epoch this render acquired: its fencing token
         self._renewed = time.monotonic()  # when the lease last surely ran for another ttl
         self._heartbeat: Heartbeat | None = None
         self.stop_signal: int | None = None  # a SIGTERM noted by JobOutcome: stop at next check
+
+    @property
+    def gpu_held(self) -> bool:
+        return self._gpu_held
+
+    @gpu_held.setter
+    def gpu_held(self, held: bool) -> None:
+        self._gpu_held = held
+        self._gpu_changes += 1
 
     def __enter__(self) -> JobLease:
         deadline = time.monotonic() + self.wait_seconds
@@ -178,6 +188,7 @@ class JobLease:
         if self.lost.is_set():
             return False
         started = time.monotonic()
+        changes = self._gpu_changes  # a slot taken or given during this beat is not a loss
         try:
             with self.svc.sessions() as session:
                 lease = renew_lease(
@@ -189,7 +200,7 @@ class JobLease:
                 )
                 if job_status(session=session, job_id=self.job_id) is JobStatus.CANCELLED:
                     self.cancelled.set()  # the render stops at its next denoising step
-            if self.gpu_held and lease.gpu_since is None:
+            if self.gpu_held and self._gpu_changes == changes and lease.gpu_since is None:
                 raise JobStateError(_SLOT_GIVEN_AWAY.format(job_id=self.job_id))
             self._renewed = started
         except JobStateError as error:

@@ -246,3 +246,28 @@ def test_a_render_gives_its_slot_to_another_batch_between_segments(
         ("long", "gpu.released"),
     ]
     assert f"gave way to other/short ({short[:8]}) (fair share)" in gave_way.reason
+
+
+def test_a_slot_taken_during_a_heartbeat_is_not_read_as_lost(
+    studio: Studio, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A render that gave way takes a slot again while its heartbeat is between reading the
+    lease (no slot) and judging it: that reading is of the state before the take, not a slot
+    given away. The interleaving is forced: the real renewal runs, then the take's effect on
+    the render (``gpu_held``) lands before the heartbeat judges."""
+    from flows import context
+    from flows.context import JobLease, services
+
+    jobs = _jobs(studio, tmp_path, ["retaken"])
+    real = context.renew_lease
+    with JobLease(services(), jobs["retaken"]) as lease:
+
+        def renew_then_take(**kwargs):
+            renewed = real(**kwargs)  # reads the lease as holding no slot...
+            lease.gpu_held = True  # ...and meanwhile the render's take() succeeds
+            return renewed
+
+        monkeypatch.setattr(context, "renew_lease", renew_then_take)
+        assert lease._renew()
+        assert not lease.lost.is_set()
+        lease.gpu_held = False
