@@ -24,9 +24,10 @@ from prefect.client.schemas.objects import StateType
 from prefect.exceptions import TerminationSignal
 from prefect.runtime import flow_run
 
+from db.events import job_events
 from db.jobs import begin_run, fail_job, get_job, job_status, stop_job
 from db.models import JobStatus
-from emo.errors import EpochSuperseded
+from emo.errors import EpochSuperseded, JobStateError
 from flows.context import JobCancelled, JobLease, LeaseHeld
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,11 @@ class JobOutcome:
 # deployment concurrency lease cannot be renewed (410 once the server released it, as a
 # zombie-run automation does), or at a flow timeout.
 STOPS = (TerminationSignal, KeyboardInterrupt, LeaseHeld, asyncio.CancelledError)
+PREFECT_ENDED = "Prefect ending its run"
+# Runs Prefect may end since the job last failed before the next end fails it: a lease that
+# can never be renewed (lease storage lost, a server restarting in a loop) must not requeue
+# the job for ever, and a failed job is bounded by its attempts (`emo retry`, the nightly).
+PREFECT_ENDS_LIMIT = 3
 
 
 def record_stop(lease: JobLease, stop: BaseException) -> None:
@@ -152,7 +158,17 @@ def record_stop(lease: JobLease, stop: BaseException) -> None:
     if isinstance(stop, LeaseHeld):
         what = f"losing its lease ({stop})"
     elif prefect_ended:
-        what = "Prefect ending its run (CancelledError: a lost concurrency lease or a timeout)"
+        what = f"{PREFECT_ENDED} (CancelledError: a lost concurrency lease or a timeout)"
+        if not cancel and _prefect_ends(lease) + 1 >= PREFECT_ENDS_LIMIT:
+            record_failure(
+                lease,
+                JobStateError(
+                    f"Prefect ended this job's render run {PREFECT_ENDS_LIMIT} times in a row "
+                    "(CancelledError: its deployment concurrency lease could not be renewed, "
+                    "or a flow timeout); check the Prefect server, then `emo retry` the job"
+                ),
+            )
+            return
     elif isinstance(stop, TerminationSignal):
         what = "SIGTERM"
     else:
@@ -168,6 +184,20 @@ def record_stop(lease: JobLease, stop: BaseException) -> None:
     )
     if _record_end(lease, "the stop", change):
         log.warning("job %s: %s", lease.job_id, reason)
+
+
+def _prefect_ends(lease: JobLease) -> int:
+    """Runs of this job that Prefect ended (requeued) since it last failed."""
+    count = 0
+    with lease.svc.sessions() as session:
+        for event in job_events(session=session, job_id=lease.job_id):
+            if event.kind != "job.status":
+                continue
+            if event.to_status == JobStatus.FAILED.value:
+                count = 0
+            elif (event.reason or "").startswith(f"stopped by {PREFECT_ENDED}"):
+                count += 1
+    return count
 
 
 def cancel_requested() -> bool:

@@ -125,22 +125,15 @@ def test_a_cancel_from_prefect_cancels_the_job_for_good(
     assert _job(studio, job_id)[0].status is JobStatus.CANCELLED
 
 
-def test_a_run_that_prefect_ends_itself_requeues_the_job(
-    studio: Studio, prefect_server: str, tmp_path: Path
-) -> None:
-    """Prefect ends a run by raising its CancelledError in the flow's thread when the run's
-    deployment concurrency lease cannot be renewed (the server released it: a zombie-run
-    automation marked the run Crashed while it waited for a slot). That is Prefect's doing,
-    not a failure of the job: it is requeued with its attempt given back, as a SIGTERM is.
-    The fault is made as Prefect makes it: the same exception sent into the render's thread
-    by Prefect's own ``_send_exception_to_thread``."""
+def _ended_by_prefect(studio: Studio, job_id: str) -> list[BaseException]:
+    """Render the job in a thread and, once it holds its slot, end the run as Prefect's
+    runtime does: its CancelledError sent into the thread by its ``_send_exception_to_thread``.
+    Returns what the render raised."""
     from prefect._internal.concurrency.cancellation import (
         CancelledError,
         _send_exception_to_thread,
     )
 
-    path = manifest(tmp_path / "lease.yaml", studio, ["lease"], steps=6)  # three segments
-    job_id = submit_batch(manifest=str(path), render=False)["jobs"]["lease"]
     ended: list[BaseException] = []
 
     def render() -> None:
@@ -153,23 +146,45 @@ def test_a_run_that_prefect_ends_itself_requeues_the_job(
     thread.start()
     sessions = session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))
     deadline = time.monotonic() + 240
-    while True:  # until the render holds its slot and has taken a denoising step
+    while True:  # until the render holds its slot
         assert thread.is_alive() and time.monotonic() < deadline, ended
         with sessions() as session:
             lease = session.get(Lease, job_id)
-            if lease is not None and lease.progress_at is not None and lease.gpu_since:
+            if lease is not None and lease.gpu_since:
                 break
         time.sleep(0.2)
     _send_exception_to_thread(thread, CancelledError)
     thread.join(timeout=120)
     assert not thread.is_alive()
+    return ended
 
-    job, reasons, leased = _job(studio, job_id)
-    assert (job.status, job.attempt) == (JobStatus.QUEUED, 0), (job.error, reasons, ended)
-    assert any("stopped by Prefect ending its run" in r for r in reasons), reasons
-    assert not leased  # lease and GPU slot released on the way out
+
+def test_a_run_that_prefect_ends_itself_requeues_the_job(
+    studio: Studio, prefect_server: str, tmp_path: Path
+) -> None:
+    """Prefect ends a run by raising its CancelledError in the flow's thread when the run's
+    deployment concurrency lease cannot be renewed (the server released it: a zombie-run
+    automation marked the run Crashed while it waited for a slot). That is Prefect's doing,
+    not a failure of the job: it is requeued with its attempt given back, as a SIGTERM is;
+    but the third time in a row it fails, so a lease that can never be renewed does not
+    requeue the job for ever."""
+    from db.jobs import requeue_job
+
+    path = manifest(tmp_path / "lease.yaml", studio, ["lease"], steps=6)  # three segments
+    job_id = submit_batch(manifest=str(path), render=False)["jobs"]["lease"]
+    for _ in range(2):
+        ended = _ended_by_prefect(studio, job_id)
+        job, reasons, leased = _job(studio, job_id)
+        assert (job.status, job.attempt) == (JobStatus.QUEUED, 0), (job.error, reasons, ended)
+        assert any("stopped by Prefect ending its run" in r for r in reasons), reasons
+        assert not leased  # lease and GPU slot released on the way out
+    _ended_by_prefect(studio, job_id)
+    job, _, leased = _job(studio, job_id)
+    assert (job.status, job.attempt) == (JobStatus.FAILED, 1) and not leased
+    assert "Prefect ended this job's render run 3 times in a row" in job.error
+    with session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))() as session:
+        requeue_job(session=session, job_id=job_id, actor="test", reason="emo retry")
     assert render_track(job_id=job_id)["status"] == "succeeded"  # the next dispatch renders it
-    assert _job(studio, job_id)[0].attempt == 1
 
 
 class _SignalledFinalizer:
