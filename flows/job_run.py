@@ -142,7 +142,7 @@ STOPS = (TerminationSignal, KeyboardInterrupt, LeaseHeld, asyncio.CancelledError
 PREFECT_ENDED = "Prefect ending its run"
 # Runs Prefect may end since the job last failed before the next end fails it: a lease that
 # can never be renewed (lease storage lost, a server restarting in a loop) must not requeue
-# the job for ever, and a failed job is bounded by its attempts (`emo retry`, the nightly).
+# the job for ever, and a failed job is bounded by its attempts (`emo resume`, the nightly).
 PREFECT_ENDS_LIMIT = 3
 
 
@@ -163,9 +163,9 @@ def record_stop(lease: JobLease, stop: BaseException) -> None:
             record_failure(
                 lease,
                 JobStateError(
-                    f"Prefect ended this job's render run {PREFECT_ENDS_LIMIT} times in a row "
-                    "(CancelledError: its deployment concurrency lease could not be renewed, "
-                    "or a flow timeout); check the Prefect server, then `emo retry` the job"
+                    f"Prefect ended this job's render run {PREFECT_ENDS_LIMIT} times since it "
+                    "last failed (CancelledError: its deployment concurrency lease could not be "
+                    "renewed, or a flow timeout); check the Prefect server, then `emo resume JOB`"
                 ),
             )
             return

@@ -166,7 +166,7 @@ def test_a_run_that_prefect_ends_itself_requeues_the_job(
     deployment concurrency lease cannot be renewed (the server released it: a zombie-run
     automation marked the run Crashed while it waited for a slot). That is Prefect's doing,
     not a failure of the job: it is requeued with its attempt given back, as a SIGTERM is;
-    but the third time in a row it fails, so a lease that can never be renewed does not
+    but the third time since it last failed it fails, so a lease that can never be renewed does not
     requeue the job for ever."""
     from db.jobs import requeue_job
 
@@ -181,9 +181,9 @@ def test_a_run_that_prefect_ends_itself_requeues_the_job(
     _ended_by_prefect(studio, job_id)
     job, _, leased = _job(studio, job_id)
     assert (job.status, job.attempt) == (JobStatus.FAILED, 1) and not leased
-    assert "Prefect ended this job's render run 3 times in a row" in job.error
+    assert "Prefect ended this job's render run 3 times since it last" in job.error
     with session_factory(make_engine(studio.env["EMO_DATABASE_URL"]))() as session:
-        requeue_job(session=session, job_id=job_id, actor="test", reason="emo retry")
+        requeue_job(session=session, job_id=job_id, actor="test", reason="emo resume")
     assert render_track(job_id=job_id)["status"] == "succeeded"  # the next dispatch renders it
 
 
