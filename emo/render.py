@@ -53,6 +53,14 @@ def device_and_dtype(settings: Settings) -> tuple[torch.device, torch.dtype]:
     return device, getattr(torch, precision)
 
 
+def release_cached_memory() -> None:
+    """Hand the memory CUDA's caching allocator keeps back to the device: a render that gave
+    its GPU slot away keeps its weights loaded, not its activations' cache, while another
+    render uses the GPU (a no-op without CUDA)."""
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 @functools.lru_cache(maxsize=2)
 def load_pipeline(
     path: str, device: str, dtype: str, fps: int, sample_rate: int, sha256: str | None = None

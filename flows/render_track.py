@@ -25,6 +25,7 @@ from prefect.runtime import flow_run
 
 from db.fair_share import mark_rendered
 from db.jobs import get_job
+from emo.render import release_cached_memory
 from flows.context import JobLease, services
 from flows.dispatch import admit_next, hand_off
 from flows.gpu_slot import GpuSlot
@@ -87,7 +88,8 @@ def render_track(job_id: str, output: str | None = None) -> dict[str, Any]:
                     if checkpoint is not None:
                         ledger.add(checkpoint)
                         continue
-                    gpu.give_way()  # to another batch, if fair sharing owes it a slot
+                    if gpu.give_way():  # to another batch, if fair sharing owes it a slot
+                        release_cached_memory()  # the weights stay; the activations' cache goes
                     if not gpu.held:  # at the first segment to render, or after giving way
                         gpu.take()
                         admit_next(svc, actor=lease.owner)  # its batch's next job may load now
