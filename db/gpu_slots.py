@@ -315,11 +315,8 @@ def yield_gpu_slot(
         session.rollback()
         return None
     grace = timedelta(seconds=grace_seconds)
-    others = [
-        _as_holder(lease, name, batch)
-        for lease, name, batch in _holder_rows(session)
-        if lease.job_id != job_id and _gone(lease, now, is_dead, grace) is None
-    ]
+    holders = gpu_slot_holders(session=session, is_dead=is_dead, now=now, grace=grace)
+    others = [h for h in holders if h.job_id != job_id]
     mine = _claim_of(session, job_id, own.gpu_since)
     waiters = _waiting_claims(session, job_id, now, is_dead, grace)
     host = owner.partition(":")[0]
@@ -377,13 +374,15 @@ def gpu_slot_holders(
     session: Session,
     is_dead: Callable[[str], bool] = lambda owner: False,
     now: datetime | None = None,
+    grace: timedelta = timedelta(0),
 ) -> list[SlotHolder]:
-    """The renders holding a slot now, oldest first (read only: nothing is reclaimed)."""
+    """The renders holding a slot now, oldest first (read only: nothing is reclaimed); a
+    holder counts until ``grace`` after its lease's expiry, as ``take_gpu_slot`` judges."""
     now = now or utcnow()
     return [
         _as_holder(lease, job, batch)
         for lease, job, batch in _holder_rows(session)
-        if _gone(lease, now, is_dead, timedelta(0)) is None
+        if _gone(lease, now, is_dead, grace) is None
     ]
 
 
